@@ -1,0 +1,35 @@
+"""chronotope: optimal transport for spatial and temporal transcriptomics.
+
+Submodules
+----------
+ot
+    Arrays-in, arrays-out optimal transport engine (torch, CPU and CUDA).
+graph
+    Sparse spatial neighbour graphs and propagation.
+io
+    Readers for h5ad, 10x Visium folders, csv/tsv matrices and time series.
+datasets
+    Loaders for the public datasets and the embedded demo data.
+pp, tl, pl
+    AnnData layer: preprocessing, tools and plots.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from chronotope._version import __version__
+
+logging.getLogger("chronotope").addHandler(logging.NullHandler())
+
+_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "tl", "pl", "report")
+
+__all__ = ["__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"chronotope.{name}")
+    raise AttributeError(f"module 'chronotope' has no attribute {name!r}")
