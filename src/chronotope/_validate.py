@@ -6,9 +6,13 @@ with a message a person can act on, before any heavy work starts.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from chronotope._errors import ChronotopeInputError
@@ -17,9 +21,12 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
+    "MissingFileError",
     "check_coordinates",
     "check_counts",
+    "check_file",
     "check_finite",
+    "check_unique",
     "get_obsm",
 ]
 
@@ -96,3 +103,45 @@ def get_obsm(adata: AnnData, key: str, *, made_by: str | None = None) -> np.ndar
         have = ", ".join(map(repr, adata.obsm.keys())) or "none"
         raise ChronotopeInputError(f"adata.obsm[{key!r}] not found (have: {have}).{hint}")
     return adata.obsm[key]
+
+
+class MissingFileError(ChronotopeInputError, FileNotFoundError):
+    """A required input file or folder does not exist.
+
+    Both a :class:`ChronotopeInputError` (``ValueError``) and a :class:`FileNotFoundError`.
+    """
+
+
+def check_file(path: str | os.PathLike[str], what: str = "file", *, is_dir: bool = False) -> Path:
+    """Return ``path`` as a :class:`~pathlib.Path`, or raise naming the missing file.
+
+    Parameters
+    ----------
+    path
+        File or folder that must exist.
+    what
+        How to call it in the error message (e.g. ``"10x count matrix"``).
+    is_dir
+        If ``True``, ``path`` must be a folder; otherwise a file.
+    """
+    p = Path(path).expanduser()
+    ok = p.is_dir() if is_dir else p.is_file()
+    if not ok:
+        kind = "folder" if is_dir else "file"
+        extra = ""
+        if p.exists():
+            extra = f" ({'a file' if p.is_file() else 'a folder'} exists there instead)"
+        raise MissingFileError(f"{what}: {kind} not found: {str(p)!r}{extra}.")
+    return p
+
+
+def check_unique(names: Sequence[object] | np.ndarray, what: str = "barcodes") -> None:
+    """Raise if ``names`` holds duplicates, naming a few of them."""
+    idx = pd.Index(np.asarray(names, dtype=object))
+    if not idx.is_unique:
+        dup = idx[idx.duplicated()].unique()
+        shown = ", ".join(map(repr, dup[:5].tolist()))
+        more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
+        raise ChronotopeInputError(
+            f"{len(dup)} duplicated {what}: {shown}{more}. Each entry must be unique."
+        )
