@@ -1,0 +1,660 @@
+r"""Sinkhorn solver: balanced, unbalanced and semi-relaxed, many histograms at once.
+
+Potentials follow the ott-jax convention: the plan of column ``k`` is
+
+.. math:: P_{ij} = \exp\big((f_{ik} + g_{jk} - C_{ij}) / \varepsilon\big),
+
+so ``f`` and ``g`` already contain ``epsilon * log a`` and ``epsilon * log b``.
+The updates are
+
+.. math::
+
+    f_i &= \varepsilon \log a_i - \tau_a\, \varepsilon \log \textstyle\sum_j
+           \exp((g_j - C_{ij})/\varepsilon), \\
+    g_j &= \varepsilon \log b_j - \tau_b\, \varepsilon \log \textstyle\sum_i
+           \exp((f_i - C_{ij})/\varepsilon).
+
+Two numerical paths compute them:
+
+* **log domain** (``lse_mode=True``): every update is a log-sum-exp against
+  the cost, exact and stable for any ``epsilon``; ``G`` histograms cost ``G``
+  reductions.
+* **stabilised scaling** (``lse_mode="auto"``, the default): Schmitzer's
+  absorption scheme. Shared reference potentials ``f_ref``, ``g_ref`` (one per
+  point, common to all ``G`` histograms) define a kernel
+  ``K_ij = exp((f_ref_i + g_ref_j - C_ij)/epsilon)`` computed once per
+  absorption; every update is then one matrix product ``K @ V`` serving all
+  ``G`` columns (dense BLAS, or a sparse product on :class:`SparseGeometry`).
+  Scalings are absorbed into the references as soon as they leave a safe
+  range, so small ``epsilon`` stays finite. When the plain kernel would
+  underflow, a few log-domain iterations (on the mean histogram when
+  ``G > 1``) seed the references first; if anything still turns non-finite,
+  the solve continues in the log domain from the last finite potentials.
+
+Convergence is measured every ``inner_iterations`` iterations as the L1 change
+of the column marginal made by the ``g`` update; for balanced problems this is
+the usual marginal error ``|P^T 1 - b|_1``.
+
+Gradients: the solver loop runs without autograd. :attr:`SinkhornOutput.reg_ot_cost`
+is differentiable with respect to the cost (hence point positions) and the
+weights by the envelope theorem (potentials are held fixed at the optimum, which
+is exact at convergence). Gradients of the potentials and of the plan are
+available by unrolling the last ``n_unroll`` log-domain iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from chronotope._errors import ConvergenceWarning
+from chronotope._settings import as_tensor
+from chronotope.ot.geometry import DenseGeometry, Geometry, PointCloud
+from chronotope.ot.problem import LinearProblem
+
+__all__ = ["Sinkhorn", "SinkhornOutput", "sinkhorn"]
+
+logger = logging.getLogger("chronotope")
+
+ProgressCallback = Callable[[int, float], None]
+
+
+def _absorb_threshold(dtype: torch.dtype) -> float:
+    return 15.0 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 100.0
+
+
+def _log_tiny(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny)
+
+
+def _phi(fp: torch.Tensor, tau: float, epsilon: float) -> torch.Tensor:
+    """Conjugate of the marginal penalty, evaluated at the dual potential ``f'``."""
+    if tau == 1.0:
+        return fp
+    if tau == 0.0:
+        return torch.zeros_like(fp)
+    rho = epsilon * tau / (1.0 - tau)
+    return -rho * torch.expm1(-fp / rho)
+
+
+@dataclass(frozen=True)
+class SinkhornOutput:
+    """Result of :class:`Sinkhorn`: potentials and lazy access to the plan.
+
+    Attributes
+    ----------
+    f, g
+        Potentials, ``(n,)``/``(m,)``, or ``(n, G)``/``(m, G)`` for batched problems.
+    errors
+        Convergence errors recorded every ``inner_iterations``; ``(n_checks,)``
+        or ``(n_checks, G)``.
+    converged
+        Whether every histogram reached ``tol``.
+    n_iter
+        Iterations run.
+    epsilon
+        The absolute regularisation used (in units of the scaled cost).
+    problem
+        The solved :class:`LinearProblem` (geometry and marginals).
+    timings
+        Seconds spent, keyed by phase.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    errors: torch.Tensor
+    converged: bool
+    n_iter: int
+    epsilon: float
+    problem: LinearProblem
+    lse_mode: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def geom(self) -> Geometry:
+        """The geometry of the problem."""
+        return self.problem.geom
+
+    def _fg2d(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.f if self.f.ndim == 2 else self.f[:, None]
+        g = self.g if self.g.ndim == 2 else self.g[:, None]
+        return f, g
+
+    def _column(self, column: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = self._fg2d()
+        if f.shape[1] > 1 and column is None:
+            raise ValueError("this output holds several histograms; pass column=.")
+        c = 0 if column is None else column
+        return f[:, c], g[:, c]
+
+    def _squeeze(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.problem.batched else t.squeeze(-1)
+
+    # ------------------------------------------------------------ costs
+    @property
+    def primal_cost(self) -> torch.Tensor:
+        """Transport cost ``<P, C>`` (scalar, or ``(G,)``), without the entropy term."""
+        f, g = self._fg2d()
+        return self._squeeze(self.geom.plan_cost(f, g, self.epsilon))
+
+    @property
+    def reg_ot_cost(self) -> torch.Tensor:
+        r"""Regularised OT cost, the dual objective at the final potentials.
+
+        .. math::
+
+            \sum_i a_i \phi_a(f'_i) + \sum_j b_j \phi_b(g'_j)
+            - \varepsilon\Big(\sum_{ij} P_{ij} - \sum_i a_i \sum_j b_j\Big)
+
+        with :math:`f' = f - \varepsilon\log a` and :math:`\phi` the conjugate
+        of the marginal penalty (identity when balanced). Differentiable with
+        respect to the geometry's inputs and the weights (envelope theorem:
+        the potentials are treated as constants).
+        """
+        prob, eps = self.problem, self.epsilon
+        f, g = self._fg2d()
+        a2, b2 = prob.a2d, prob.b2d
+        with torch.no_grad():
+            fp = f.detach() - eps * torch.log(a2.detach())
+            gp = g.detach() - eps * torch.log(b2.detach())
+        fpa = torch.where(a2 > 0, fp, torch.zeros_like(fp))
+        gpb = torch.where(b2 > 0, gp, torch.zeros_like(gp))
+        f_live = torch.where(a2 > 0, fpa + eps * torch.log(a2), torch.full_like(fp, -math.inf))
+        g_live = torch.where(b2 > 0, gpb + eps * torch.log(b2), torch.full_like(gp, -math.inf))
+        mass = self.geom.plan_mass(f_live, g_live, eps)
+        value = (
+            (a2 * _phi(fpa, prob.tau_a, eps)).sum(0)
+            + (b2 * _phi(gpb, prob.tau_b, eps)).sum(0)
+            - eps * (mass - a2.sum(0) * b2.sum(0))
+        )
+        return self._squeeze(value)
+
+    # ------------------------------------------------------------ plan
+    def marginals(self, axis: int, *, column: int | None = None) -> torch.Tensor:
+        """Row sums (``axis=1``, shape ``(n,)``) or column sums (``axis=0``) of the plan."""
+        f, g = self._column(column)
+        n, m = self.geom.shape
+        ones = torch.ones((m if axis == 1 else n, 1), dtype=f.dtype, device=f.device)
+        return self.geom.kernel_apply(ones, axis=axis, epsilon=self.epsilon, f=f, g=g)[:, 0]
+
+    def apply(
+        self, v: torch.Tensor | np.ndarray, *, axis: int = 1, column: int | None = None
+    ) -> torch.Tensor:
+        """Apply the plan without forming it.
+
+        Parameters
+        ----------
+        v
+            ``(m, d)`` (or ``(m,)``) for ``axis=1``, returning ``P @ v``; ``(n, d)``
+            for ``axis=0``, returning ``P.T @ v``.
+        axis
+            Which side ``v`` lives on (see above).
+        column
+            Which histogram, for batched outputs.
+        """
+        f, g = self._column(column)
+        vt = as_tensor(v, device=f.device, dtype=f.dtype)
+        squeeze = vt.ndim == 1
+        vt = vt[:, None] if squeeze else vt
+        out = self.geom.kernel_apply(vt, axis=axis, epsilon=self.epsilon, f=f, g=g)
+        return out[:, 0] if squeeze else out
+
+    def barycentric_projection(
+        self, y: torch.Tensor | np.ndarray, *, axis: int = 1, column: int | None = None
+    ) -> torch.Tensor:
+        """Map each source point to the plan-weighted mean of its targets.
+
+        ``(P @ y) / (P @ 1)`` for ``axis=1`` (``y`` on the target side), or
+        ``(P.T @ x) / (P.T @ 1)`` for ``axis=0``. Rows with no mass give NaN.
+        """
+        f, g = self._column(column)
+        yt = as_tensor(y, device=f.device, dtype=f.dtype)
+        yt = yt[:, None] if yt.ndim == 1 else yt
+        ones = torch.ones((yt.shape[0], 1), dtype=yt.dtype, device=yt.device)
+        both = self.geom.kernel_apply(
+            torch.cat([yt, ones], 1), axis=axis, epsilon=self.epsilon, f=f, g=g
+        )
+        return both[:, :-1] / both[:, -1:]
+
+    def dense_plan(self, *, column: int | None = None) -> torch.Tensor:
+        """The full ``(n, m)`` plan. Only for small problems."""
+        f, g = self._column(column)
+        return torch.exp((f[:, None] + g[None, :] - self.geom.cost_matrix()) / self.epsilon)
+
+    def plan(self, k: int = 10, *, column: int | None = None) -> sp.csr_matrix:
+        """Sparse plan keeping the ``k`` largest entries of each row (scipy CSR).
+
+        Memory grows as ``n * k``; the kept mass is ``plan(k).sum()`` (compare
+        with ``marginals(1).sum()`` to see what the truncation dropped).
+        """
+        f, g = self._column(column)
+        with torch.no_grad():
+            rows, cols, vals = self.geom.plan_topk(f, g, self.epsilon, k)
+        return sp.csr_matrix((vals, (rows, cols)), shape=self.geom.shape)
+
+
+@dataclass(frozen=True)
+class Sinkhorn:
+    """Entropic OT solver (log domain or stabilised scaling).
+
+    Parameters
+    ----------
+    epsilon
+        Entropic regularisation in units of the (scaled) cost. ``None`` uses
+        ``0.05`` times the mean cost.
+    max_iter
+        Maximum number of iterations (one ``f`` and one ``g`` update each).
+    tol
+        Stop when the marginal error of every histogram is below ``tol``.
+    lse_mode
+        ``True``: log-domain updates. ``"auto"``: stabilised scaling with one
+        kernel product for all histograms, falling back to the log domain
+        if it becomes non-finite. ``False``: like ``"auto"`` but raise instead
+        of falling back.
+    inner_iterations
+        Check convergence (and absorb scalings) every this many iterations.
+    min_iter
+        Never stop before this many iterations.
+    n_unroll
+        Re-run the last ``n_unroll`` iterations with autograd so that the
+        potentials (and plan) carry gradients.
+    progress
+        ``True`` shows a tqdm bar; a callable ``(iteration, error)`` is called
+        at every check.
+    warn
+        Emit :class:`~chronotope._errors.ConvergenceWarning` when ``tol`` is not met.
+    """
+
+    epsilon: float | None = None
+    max_iter: int = 1000
+    tol: float = 1e-6
+    lse_mode: bool | Literal["auto"] = "auto"
+    inner_iterations: int = 10
+    min_iter: int = 0
+    n_unroll: int = 0
+    progress: bool | ProgressCallback = False
+    warn: bool = True
+
+    def __call__(
+        self,
+        problem: LinearProblem,
+        init: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    ) -> SinkhornOutput:
+        """Solve ``problem``, optionally warm-started from potentials ``init = (f, g)``."""
+        t0 = time.perf_counter()
+        geom = problem.geom
+        eps = float(self.epsilon) if self.epsilon is not None else 0.05 * geom.mean_cost
+        if not eps > 0:
+            raise ValueError(f"epsilon must be positive, got {eps}.")
+        with torch.no_grad():
+            a2 = problem.a2d.detach()
+            b2 = problem.b2d.detach()
+            loga, logb = torch.log(a2), torch.log(b2)
+            f, g = self._init(problem, init, eps, loga, logb)
+            state = _State(self, problem, eps, loga, logb, a2, b2)
+            f, g, errors, n_iter, lse_used = state.run(f, g)
+        converged = bool(errors.shape[0] > 0 and (errors[-1] < self.tol).all())
+        if not converged and self.warn:
+            last = float(errors[-1].max()) if errors.shape[0] else float("nan")
+            warnings.warn(
+                f"Sinkhorn did not converge in {n_iter} iterations (error {last:.3g} > tol "
+                f"{self.tol:.3g}); raise max_iter or epsilon.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        timings = {"solve": time.perf_counter() - t0}
+        if self.n_unroll > 0:
+            f, g = self._unroll(problem, f, g, eps)
+        if not problem.batched:
+            f, g, errors = f[:, 0], g[:, 0], errors[:, 0]
+        return SinkhornOutput(
+            f=f,
+            g=g,
+            errors=errors,
+            converged=converged,
+            n_iter=n_iter,
+            epsilon=eps,
+            problem=problem,
+            lse_mode=lse_used,
+            timings=timings,
+        )
+
+    def _init(
+        self,
+        problem: LinearProblem,
+        init: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+        eps: float,
+        loga: torch.Tensor,
+        logb: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        f0, g0 = (None, None) if init is None else init
+        n, m = problem.geom.shape
+        ncol = problem.n_histograms
+        dev, dt = problem.geom.device, problem.geom.dtype
+
+        def _as2d(x: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
+            t = as_tensor(x, device=dev, dtype=dt).detach()
+            t = t[:, None] if t.ndim == 1 else t
+            if t.shape[0] != size:
+                raise ValueError(f"warm-start potential has {t.shape[0]} rows, expected {size}.")
+            return t.expand(size, ncol).clone()
+
+        f = None if f0 is None else _as2d(f0, n)
+        g = eps * logb.clone() if g0 is None else _as2d(g0, m)
+        return f, g
+
+    def _unroll(
+        self, problem: LinearProblem, f: torch.Tensor, g: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        geom = problem.geom
+        loga, logb = torch.log(problem.a2d), torch.log(problem.b2d)
+        f, g = f.detach(), g.detach()
+        for _ in range(self.n_unroll):
+            f = eps * loga - problem.tau_a * eps * geom.lse(g / eps, axis=1, epsilon=eps)
+            g = eps * logb - problem.tau_b * eps * geom.lse(f / eps, axis=0, epsilon=eps)
+        return f, g
+
+
+class _State:
+    """Mutable state of one Sinkhorn solve (kept out of the public objects)."""
+
+    def __init__(
+        self,
+        solver: Sinkhorn,
+        problem: LinearProblem,
+        eps: float,
+        loga: torch.Tensor,
+        logb: torch.Tensor,
+        a2: torch.Tensor,
+        b2: torch.Tensor,
+    ) -> None:
+        self.s = solver
+        self.p = problem
+        self.geom = problem.geom
+        self.eps = eps
+        self.loga, self.logb = loga, logb
+        self.a2, self.b2 = a2, b2
+        self.errors: list[torch.Tensor] = []
+        self.it = 0
+        self.bar = None
+        if solver.progress is True:
+            self.bar = tqdm(total=solver.max_iter, desc="sinkhorn", leave=False)
+
+    # ---------------------------------------------------------------- loop
+    def run(
+        self, f: torch.Tensor | None, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+        try:
+            use_lse = self.s.lse_mode is True
+            if not use_lse:
+                out = self._run_scaling(f, g)
+                if out is None:
+                    use_lse = True
+                    f, g = self._fallback_f, self._fallback_g
+                else:
+                    f, g = out
+            if use_lse:
+                f, g = self._run_lse(f, g, self.s.max_iter)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        errors = torch.stack(self.errors) if self.errors else torch.empty((0, g.shape[1]))
+        return f, g, errors, self.it, use_lse
+
+    def _check_now(self) -> bool:
+        inner = max(1, self.s.inner_iterations)
+        return self.it % inner == 0 or self.it == self.s.max_iter
+
+    def _record(self, err: torch.Tensor) -> bool:
+        err = torch.nan_to_num(err, nan=math.inf)
+        self.errors.append(err)
+        e = float(err.max())
+        if self.bar is not None:
+            self.bar.update(self.it - self.bar.n)
+            self.bar.set_postfix(error=f"{e:.2e}")
+        elif callable(self.s.progress):
+            self.s.progress(self.it, e)
+        return e < self.s.tol and self.it >= self.s.min_iter
+
+    # ---------------------------------------------------------- log domain
+    def _f_update_lse(self, g: torch.Tensor) -> torch.Tensor:
+        eps, tau = self.eps, self.p.tau_a
+        if tau == 0.0:
+            return eps * self.loga
+        return eps * self.loga - tau * eps * self.geom.lse(g / eps, axis=1, epsilon=eps)
+
+    def _run_lse(
+        self, f: torch.Tensor | None, g: torch.Tensor, until: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        eps, tau_b = self.eps, self.p.tau_b
+        if f is None:
+            f = self._f_update_lse(g)
+        while self.it < until:
+            f = self._f_update_lse(g)
+            lse0 = self.geom.lse(f / eps, axis=0, epsilon=eps)
+            g_new = eps * self.logb - tau_b * eps * lse0 if tau_b > 0 else eps * self.logb
+            self.it += 1
+            if self._check_now():
+                col_new = torch.exp(g_new / eps + lse0)
+                change = torch.expm1((g - g_new) / eps).abs()
+                err = torch.nan_to_num(col_new * change, nan=0.0).sum(0)
+                g = g_new
+                if self._record(err):
+                    break
+            else:
+                g = g_new
+        return f, g
+
+    # -------------------------------------------------- stabilised scaling
+    def _needs_warmup(self) -> bool:
+        geom = self.geom
+        if isinstance(geom, PointCloud | DenseGeometry):
+            cmax = geom._raw_summary()[1] / geom.scale
+        else:
+            cmax = float(geom.values.max())  # type: ignore[attr-defined]
+        return cmax / self.eps > 0.8 * abs(_log_tiny(geom.dtype))
+
+    def _run_scaling(
+        self, f: torch.Tensor | None, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        eps, geom = self.eps, self.geom
+        ncol = g.shape[1]
+        thr = _absorb_threshold(geom.dtype)
+        if f is not None:
+            f_ref = f.mean(1)
+            g_ref = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).mean(1)
+        elif self._needs_warmup():
+            f_ref, g_ref = self._warmup()
+            if ncol == 1:
+                g = g_ref[:, None].clone()
+        else:
+            f_ref = torch.zeros(geom.shape[0], dtype=geom.dtype, device=geom.device)
+            g_ref = torch.zeros(geom.shape[1], dtype=geom.dtype, device=geom.device)
+        logv = (g - g_ref[:, None]) / eps
+        v = torch.exp(logv)
+        tau_a, tau_b = self.p.tau_a, self.p.tau_b
+        self._fallback_f, self._fallback_g = None, g
+        logu = torch.zeros((geom.shape[0], ncol), dtype=geom.dtype, device=geom.device)
+        while self.it < self.s.max_iter:
+            # f update: log u = log a - tau_a * log(K v) + (tau_a - 1) f_ref / eps
+            if tau_a == 0.0:
+                logu = self.loga - f_ref[:, None] / eps
+            else:
+                kv = geom.kernel_apply(v, axis=1, epsilon=eps, f=f_ref, g=g_ref, cache=True)
+                logu = self.loga - tau_a * torch.log(kv) + (tau_a - 1.0) * f_ref[:, None] / eps
+            u = torch.exp(logu)
+            ktu = geom.kernel_apply(u, axis=0, epsilon=eps, f=f_ref, g=g_ref, cache=True)
+            log_ktu = torch.log(ktu)
+            if tau_b == 0.0:
+                logv_new = self.logb - g_ref[:, None] / eps
+            else:
+                logv_new = self.logb - tau_b * log_ktu + (tau_b - 1.0) * g_ref[:, None] / eps
+            self.it += 1
+            bad = torch.isnan(logu).any() | torch.isnan(logv_new).any()
+            bad = bad | (logu == math.inf).any() | (logv_new == math.inf).any()
+            if bool(bad):
+                return self._give_up(f_ref, g_ref, logv)
+            if self._check_now():
+                col_new = torch.exp(logv_new + log_ktu)
+                change = torch.expm1(logv - logv_new).abs()
+                err = torch.nan_to_num(col_new * change, nan=0.0).sum(0)
+                logv, v = logv_new, torch.exp(logv_new)
+                f_ref, g_ref, logu, logv, v = self._absorb(f_ref, g_ref, logu, logv, v, thr=0.0)
+                if self._record(err):
+                    break
+            else:
+                logv, v = logv_new, torch.exp(logv_new)
+                f_ref, g_ref, logu, logv, v = self._absorb(f_ref, g_ref, logu, logv, v, thr=thr)
+        f = f_ref[:, None] + eps * logu
+        g = g_ref[:, None] + eps * logv
+        geom.clear_cache()
+        return f, g
+
+    def _absorb(
+        self,
+        f_ref: torch.Tensor,
+        g_ref: torch.Tensor,
+        logu: torch.Tensor,
+        logv: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        thr: float,
+    ) -> tuple[torch.Tensor, ...]:
+        """Move scalings into the reference potentials when they leave ``[-thr, thr]``.
+
+        ``thr = 0`` absorbs unconditionally when anything is above the dtype threshold
+        (used at check points); the shift per point is the max over histograms.
+        """
+        eps = self.eps
+        limit = thr if thr > 0 else _absorb_threshold(self.geom.dtype)
+
+        def _shift(logx: torch.Tensor) -> torch.Tensor:
+            finite = torch.isfinite(logx)
+            m = torch.where(finite, logx, torch.full_like(logx, -math.inf)).amax(1)
+            return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+        fin_u = logu[torch.isfinite(logu)]
+        fin_v = logv[torch.isfinite(logv)]
+        big_u = fin_u.numel() > 0 and float(fin_u.abs().max()) > limit
+        big_v = fin_v.numel() > 0 and float(fin_v.abs().max()) > limit
+        if big_u or big_v:
+            su, sv = _shift(logu), _shift(logv)
+            f_ref = f_ref + eps * su
+            g_ref = g_ref + eps * sv
+            logu = logu - su[:, None]
+            logv = logv - sv[:, None]
+            v = torch.exp(logv)
+        return f_ref, g_ref, logu, logv, v
+
+    def _give_up(
+        self, f_ref: torch.Tensor, g_ref: torch.Tensor, logv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self.geom.clear_cache()
+        if self.s.lse_mode is False:
+            raise FloatingPointError(
+                "Sinkhorn scaling iterations became non-finite; use lse_mode=True or "
+                "'auto', or a larger epsilon."
+            )
+        logger.info("Sinkhorn: scaling path became non-finite, continuing in the log domain.")
+        self._fallback_f = None
+        self._fallback_g = g_ref[:, None] + self.eps * logv
+        return None
+
+    def _warmup(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seed reference potentials with log-domain iterations.
+
+        For one histogram these are real iterations of the solve; for several,
+        they run on the mean histogram and do not count as iterations.
+        """
+        ncol = self.b2.shape[1]
+        n_warm = min(self.s.max_iter, max(1, self.s.inner_iterations))
+        if ncol == 1:
+            f, g = self._run_lse(None, self.eps * self.logb, until=n_warm)
+            return f[:, 0], g[:, 0]
+        sub = _State(
+            Sinkhorn(
+                epsilon=self.eps,
+                max_iter=n_warm,
+                tol=0.0,
+                lse_mode=True,
+                inner_iterations=n_warm,
+                warn=False,
+            ),
+            self.p,
+            self.eps,
+            torch.log(self.a2.mean(1, keepdim=True)),
+            torch.log(self.b2.mean(1, keepdim=True)),
+            self.a2.mean(1, keepdim=True),
+            self.b2.mean(1, keepdim=True),
+        )
+        f, g = sub._run_lse(None, self.eps * sub.logb, until=n_warm)
+        return f[:, 0], g[:, 0]
+
+
+def sinkhorn(
+    x: torch.Tensor | np.ndarray | Geometry,
+    y: torch.Tensor | np.ndarray | None = None,
+    *,
+    a: torch.Tensor | np.ndarray | None = None,
+    b: torch.Tensor | np.ndarray | None = None,
+    epsilon: float | None = None,
+    tau_a: float = 1.0,
+    tau_b: float = 1.0,
+    cost: Literal["sqeuclidean", "euclidean"] = "sqeuclidean",
+    batch_size: int | None = None,
+    scale_cost: float | Literal["mean", "max", "median"] = 1.0,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    lse_mode: bool | Literal["auto"] = "auto",
+    init: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    progress: bool | ProgressCallback = False,
+    device: torch.device | str | None = None,
+) -> SinkhornOutput:
+    """Solve entropic OT between point clouds (or on a given geometry) in one call.
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` source points, or a :class:`~chronotope.ot.Geometry`.
+    y
+        ``(m, d)`` target points (default: ``x``); ignored with a geometry.
+    a, b
+        Weights; ``b`` may be ``(m, G)`` to solve ``G`` problems at once.
+    epsilon
+        Entropic regularisation (absolute, in scaled-cost units); ``None``
+        uses ``0.05 * mean cost``.
+    tau_a, tau_b
+        Unbalancedness in ``[0, 1]`` (1 balanced, 0 free marginal).
+    cost, batch_size, scale_cost, device
+        Passed to :class:`~chronotope.ot.PointCloud`.
+    max_iter, tol, lse_mode, progress
+        Passed to :class:`Sinkhorn`.
+    init
+        Warm-start potentials ``(f, g)``.
+
+    Returns
+    -------
+    SinkhornOutput
+    """
+    if isinstance(x, Geometry):
+        geom = x
+    else:
+        geom = PointCloud(
+            x, y, cost=cost, batch_size=batch_size, scale_cost=scale_cost, device=device
+        )
+    prob = LinearProblem(geom, a, b, tau_a=tau_a, tau_b=tau_b)
+    solver = Sinkhorn(
+        epsilon=epsilon, max_iter=max_iter, tol=tol, lse_mode=lse_mode, progress=progress
+    )
+    return solver(prob, init=init)
