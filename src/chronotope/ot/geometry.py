@@ -212,6 +212,24 @@ class Geometry:
         """Drop cached kernel matrices."""
         self._kernel_cache = {}
 
+    def c_transform_init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference potentials from a double c-transform.
+
+        ``f_i = min_j C_ij`` and ``g_j = min_i (C_ij - f_i)``: then
+        ``f_i + g_j <= C_ij`` everywhere with equality at least once in every
+        row and every column, so the stabilised kernel
+        ``exp((f_i + g_j - C_ij) / epsilon)`` has entries in ``(0, 1]`` and no
+        row or column underflows, whatever ``epsilon``.
+        """
+        n, m = self.shape
+        f = torch.empty(n, dtype=self.dtype, device=self.device)
+        for rows, blk in self.cost_blocks():
+            f[rows] = blk.amin(1)
+        g = torch.full((m,), math.inf, dtype=self.dtype, device=self.device)
+        for rows, blk in self.cost_blocks():
+            g = torch.minimum(g, (blk - f[rows].unsqueeze(1)).amin(0))
+        return f, g
+
     def plan_cost(self, f: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
         """Return ``<P, C>`` for the plan ``P_ij = exp((f_i + g_j - C_ij) / epsilon)``.
 
@@ -570,6 +588,17 @@ class SparseGeometry(Geometry):
         if isinstance(kmat, torch.Tensor):
             return kmat @ v
         return torch.from_numpy(np.asarray(kmat @ v.numpy()))
+
+    def c_transform_init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = self.shape
+        c = self.values
+        f = torch.full((n,), math.inf, dtype=c.dtype, device=c.device)
+        f = f.scatter_reduce(0, self._row, c, reduce="amin", include_self=True)
+        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+        g = torch.full((m,), math.inf, dtype=c.dtype, device=c.device)
+        g = g.scatter_reduce(0, self._col, c - f[self._row], reduce="amin", include_self=True)
+        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+        return f, g
 
     def plan_cost(self, f: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
         c = self.values.unsqueeze(1)

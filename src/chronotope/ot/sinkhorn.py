@@ -25,11 +25,11 @@ Two numerical paths compute them:
   ``K_ij = exp((f_ref_i + g_ref_j - C_ij)/epsilon)`` computed once per
   absorption; every update is then one matrix product ``K @ V`` serving all
   ``G`` columns (dense BLAS, or a sparse product on :class:`SparseGeometry`).
-  Scalings are absorbed into the references as soon as they leave a safe
-  range, so small ``epsilon`` stays finite. When the plain kernel would
-  underflow, a few log-domain iterations (on the mean histogram when
-  ``G > 1``) seed the references first; if anything still turns non-finite,
-  the solve continues in the log domain from the last finite potentials.
+  The references start from a double c-transform of the cost (so every row
+  and column of the kernel holds an entry equal to 1, whatever ``epsilon``),
+  and scalings are absorbed into them as soon as they leave a safe range. If
+  anything still turns non-finite, the solve continues in the log domain
+  from the last finite potentials.
 
 Convergence is measured every ``inner_iterations`` iterations as the L1 change
 of the column marginal made by the ``g`` update; for balanced problems this is
@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from chronotope._errors import ConvergenceWarning
 from chronotope._settings import as_tensor
-from chronotope.ot.geometry import DenseGeometry, Geometry, PointCloud
+from chronotope.ot.geometry import Geometry, PointCloud
 from chronotope.ot.problem import LinearProblem
 
 __all__ = ["Sinkhorn", "SinkhornOutput", "sinkhorn"]
@@ -457,14 +457,6 @@ class _State:
         return f, g
 
     # -------------------------------------------------- stabilised scaling
-    def _needs_warmup(self) -> bool:
-        geom = self.geom
-        if isinstance(geom, PointCloud | DenseGeometry):
-            cmax = geom._raw_summary()[1] / geom.scale
-        else:
-            cmax = float(geom.values.max())  # type: ignore[attr-defined]
-        return cmax / self.eps > 0.8 * abs(_log_tiny(geom.dtype))
-
     def _run_scaling(
         self, f: torch.Tensor | None, g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -474,13 +466,11 @@ class _State:
         if f is not None:
             f_ref = f.mean(1)
             g_ref = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).mean(1)
-        elif self._needs_warmup():
-            f_ref, g_ref = self._warmup()
-            if ncol == 1:
-                g = g_ref[:, None].clone()
         else:
-            f_ref = torch.zeros(geom.shape[0], dtype=geom.dtype, device=geom.device)
-            g_ref = torch.zeros(geom.shape[1], dtype=geom.dtype, device=geom.device)
+            # Any starting g is valid: start at the c-transform references shifted
+            # by eps * log b, so that the scalings start at v = b.
+            f_ref, g_ref = geom.c_transform_init()
+            g = g_ref[:, None] + eps * self.logb
         logv = (g - g_ref[:, None]) / eps
         v = torch.exp(logv)
         tau_a, tau_b = self.p.tau_a, self.p.tau_b
@@ -570,36 +560,6 @@ class _State:
         self._fallback_f = None
         self._fallback_g = g_ref[:, None] + self.eps * logv
         return None
-
-    def _warmup(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Seed reference potentials with log-domain iterations.
-
-        For one histogram these are real iterations of the solve; for several,
-        they run on the mean histogram and do not count as iterations.
-        """
-        ncol = self.b2.shape[1]
-        n_warm = min(self.s.max_iter, max(1, self.s.inner_iterations))
-        if ncol == 1:
-            f, g = self._run_lse(None, self.eps * self.logb, until=n_warm)
-            return f[:, 0], g[:, 0]
-        sub = _State(
-            Sinkhorn(
-                epsilon=self.eps,
-                max_iter=n_warm,
-                tol=0.0,
-                lse_mode=True,
-                inner_iterations=n_warm,
-                warn=False,
-            ),
-            self.p,
-            self.eps,
-            torch.log(self.a2.mean(1, keepdim=True)),
-            torch.log(self.b2.mean(1, keepdim=True)),
-            self.a2.mean(1, keepdim=True),
-            self.b2.mean(1, keepdim=True),
-        )
-        f, g = sub._run_lse(None, self.eps * sub.logb, until=n_warm)
-        return f[:, 0], g[:, 0]
 
 
 def sinkhorn(
