@@ -87,6 +87,29 @@ def _phi(fp: torch.Tensor, tau: float, epsilon: float) -> torch.Tensor:
     return -rho * torch.expm1(-fp / rho)
 
 
+def _has_bad(x: torch.Tensor) -> bool:
+    """NaN or +inf anywhere (``-inf`` is a legitimate zero scaling)."""
+    return bool(torch.isnan(x).any() or (x == math.inf).any())
+
+
+def _out_of_range(row_max: torch.Tensor, thr: float) -> bool:
+    finite = torch.isfinite(row_max)
+    return bool((row_max[finite].abs() > thr).any())
+
+
+def _marginal_change(
+    logv: torch.Tensor, logv_new: torch.Tensor, log_ktu: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """L1 change of each column marginal made by the ``g`` update (column-chunked)."""
+    out = torch.empty(logv.shape[1], dtype=logv.dtype, device=logv.device)
+    for start in range(0, logv.shape[1], chunk):
+        c = slice(start, start + chunk)
+        change = torch.expm1(logv[:, c] - logv_new[:, c]).abs_()
+        change.mul_(torch.exp(logv_new[:, c] + log_ktu[:, c]))
+        out[c] = torch.nan_to_num(change, nan=0.0).sum(0)
+    return out
+
+
 @dataclass(frozen=True)
 class SinkhornOutput:
     """Result of :class:`Sinkhorn`: potentials and lazy access to the plan.
@@ -298,8 +321,11 @@ class Sinkhorn:
         if not eps > 0:
             raise ValueError(f"epsilon must be positive, got {eps}.")
         with torch.no_grad():
-            a2 = problem.a2d.detach()
-            b2 = problem.b2d.detach()
+            # Shared marginals stay (n, 1) / (m, 1) and broadcast: no (n, G) copies.
+            a2 = problem.a.detach()
+            a2 = a2 if a2.ndim == 2 else a2[:, None]
+            b2 = problem.b.detach()
+            b2 = b2 if b2.ndim == 2 else b2[:, None]
             loga, logb = torch.log(a2), torch.log(b2)
             f, g = self._init(problem, init, eps, loga, logb)
             state = _State(self, problem, eps, loga, logb, a2, b2)
@@ -351,7 +377,7 @@ class Sinkhorn:
             return t.expand(size, ncol).clone()
 
         f = None if f0 is None else _as2d(f0, n)
-        g = eps * logb.clone() if g0 is None else _as2d(g0, m)
+        g = (eps * logb).expand(m, ncol).clone() if g0 is None else _as2d(g0, m)
         return f, g
 
     def _unroll(
@@ -431,7 +457,7 @@ class _State:
     def _f_update_lse(self, g: torch.Tensor) -> torch.Tensor:
         eps, tau = self.eps, self.p.tau_a
         if tau == 0.0:
-            return eps * self.loga
+            return (eps * self.loga).expand(self.geom.shape[0], g.shape[1]).clone()
         return eps * self.loga - tau * eps * self.geom.lse(g / eps, axis=1, epsilon=eps)
 
     def _run_lse(
@@ -443,7 +469,10 @@ class _State:
         while self.it < until:
             f = self._f_update_lse(g)
             lse0 = self.geom.lse(f / eps, axis=0, epsilon=eps)
-            g_new = eps * self.logb - tau_b * eps * lse0 if tau_b > 0 else eps * self.logb
+            if tau_b > 0:
+                g_new = eps * self.logb - tau_b * eps * lse0
+            else:
+                g_new = (eps * self.logb).expand_as(lse0).clone()
             self.it += 1
             if self._check_now():
                 col_new = torch.exp(g_new / eps + lse0)
@@ -461,7 +490,7 @@ class _State:
         self, f: torch.Tensor | None, g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         eps, geom = self.eps, self.geom
-        ncol = g.shape[1]
+        tau_a, tau_b = self.p.tau_a, self.p.tau_b
         thr = _absorb_threshold(geom.dtype)
         if f is not None:
             f_ref = f.mean(1)
@@ -471,43 +500,47 @@ class _State:
             # by eps * log b, so that the scalings start at v = b.
             f_ref, g_ref = geom.c_transform_init()
             g = g_ref[:, None] + eps * self.logb
-        logv = (g - g_ref[:, None]) / eps
+        logv = (g - g_ref[:, None]).div_(eps)
+        del g
         v = torch.exp(logv)
-        tau_a, tau_b = self.p.tau_a, self.p.tau_b
-        self._fallback_f, self._fallback_g = None, g
-        logu = torch.zeros((geom.shape[0], ncol), dtype=geom.dtype, device=geom.device)
+        self._fallback_f, self._fallback_g = None, None
+        logu = None
         while self.it < self.s.max_iter:
-            # f update: log u = log a - tau_a * log(K v) + (tau_a - 1) f_ref / eps
+            # f update: log u = log a - tau_a log(K v) + (tau_a - 1) f_ref / eps   (in place)
             if tau_a == 0.0:
                 logu = self.loga - f_ref[:, None] / eps
             else:
-                kv = geom.kernel_apply(v, axis=1, epsilon=eps, f=f_ref, g=g_ref, cache=True)
-                logu = self.loga - tau_a * torch.log(kv) + (tau_a - 1.0) * f_ref[:, None] / eps
-            u = torch.exp(logu)
-            ktu = geom.kernel_apply(u, axis=0, epsilon=eps, f=f_ref, g=g_ref, cache=True)
-            log_ktu = torch.log(ktu)
+                logu = geom.kernel_apply(v, axis=1, epsilon=eps, f=f_ref, g=g_ref, cache=True)
+                logu.log_().mul_(-tau_a).add_(self.loga)
+                if tau_a != 1.0:
+                    logu.add_((tau_a - 1.0) * f_ref[:, None] / eps)
+            del v
+            log_ktu = geom.kernel_apply(
+                torch.exp(logu), axis=0, epsilon=eps, f=f_ref, g=g_ref, cache=True
+            ).log_()
             if tau_b == 0.0:
-                logv_new = self.logb - g_ref[:, None] / eps
+                logv_new = (self.logb - g_ref[:, None] / eps).expand_as(log_ktu).clone()
             else:
-                logv_new = self.logb - tau_b * log_ktu + (tau_b - 1.0) * g_ref[:, None] / eps
+                logv_new = log_ktu * (-tau_b)
+                logv_new.add_(self.logb)
+                if tau_b != 1.0:
+                    logv_new.add_((tau_b - 1.0) * g_ref[:, None] / eps)
             self.it += 1
-            bad = torch.isnan(logu).any() | torch.isnan(logv_new).any()
-            bad = bad | (logu == math.inf).any() | (logv_new == math.inf).any()
-            if bool(bad):
+            if _has_bad(logu) or _has_bad(logv_new):
                 return self._give_up(f_ref, g_ref, logv)
-            if self._check_now():
-                col_new = torch.exp(logv_new + log_ktu)
-                change = torch.expm1(logv - logv_new).abs()
-                err = torch.nan_to_num(col_new * change, nan=0.0).sum(0)
-                logv, v = logv_new, torch.exp(logv_new)
-                f_ref, g_ref, logu, logv, v = self._absorb(f_ref, g_ref, logu, logv, v, thr=0.0)
-                if self._record(err):
-                    break
-            else:
-                logv, v = logv_new, torch.exp(logv_new)
-                f_ref, g_ref, logu, logv, v = self._absorb(f_ref, g_ref, logu, logv, v, thr=thr)
-        f = f_ref[:, None] + eps * logu
-        g = g_ref[:, None] + eps * logv
+            check = self._check_now()
+            err = _marginal_change(logv, logv_new, log_ktu) if check else None
+            del log_ktu
+            logv = logv_new
+            del logv_new
+            f_ref, g_ref, logu, logv = self._absorb(f_ref, g_ref, logu, logv, thr)
+            v = torch.exp(logv)
+            if check and self._record(err):
+                break
+        if logu is None:  # max_iter == 0
+            logu = torch.zeros_like(f_ref)[:, None]
+        f = logu.mul_(eps).add_(f_ref[:, None])
+        g = logv.mul_(eps).add_(g_ref[:, None])
         geom.clear_cache()
         return f, g
 
@@ -517,35 +550,22 @@ class _State:
         g_ref: torch.Tensor,
         logu: torch.Tensor,
         logv: torch.Tensor,
-        v: torch.Tensor,
-        *,
         thr: float,
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Move scalings into the reference potentials when they leave ``[-thr, thr]``.
 
-        ``thr = 0`` absorbs unconditionally when anything is above the dtype threshold
-        (used at check points); the shift per point is the max over histograms.
+        The shift of each point is the max of its log-scalings over histograms,
+        so afterwards every scaling is at most 1 and the largest is exactly 1.
         """
         eps = self.eps
-        limit = thr if thr > 0 else _absorb_threshold(self.geom.dtype)
-
-        def _shift(logx: torch.Tensor) -> torch.Tensor:
-            finite = torch.isfinite(logx)
-            m = torch.where(finite, logx, torch.full_like(logx, -math.inf)).amax(1)
-            return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-        fin_u = logu[torch.isfinite(logu)]
-        fin_v = logv[torch.isfinite(logv)]
-        big_u = fin_u.numel() > 0 and float(fin_u.abs().max()) > limit
-        big_v = fin_v.numel() > 0 and float(fin_v.abs().max()) > limit
-        if big_u or big_v:
-            su, sv = _shift(logu), _shift(logv)
-            f_ref = f_ref + eps * su
-            g_ref = g_ref + eps * sv
-            logu = logu - su[:, None]
-            logv = logv - sv[:, None]
-            v = torch.exp(logv)
-        return f_ref, g_ref, logu, logv, v
+        row_u, row_v = logu.amax(1), logv.amax(1)
+        if not (_out_of_range(row_u, thr) or _out_of_range(row_v, thr)):
+            return f_ref, g_ref, logu, logv
+        su = torch.where(torch.isfinite(row_u), row_u, torch.zeros_like(row_u))
+        sv = torch.where(torch.isfinite(row_v), row_v, torch.zeros_like(row_v))
+        logu.sub_(su[:, None])
+        logv.sub_(sv[:, None])
+        return f_ref + eps * su, g_ref + eps * sv, logu, logv
 
     def _give_up(
         self, f_ref: torch.Tensor, g_ref: torch.Tensor, logv: torch.Tensor
