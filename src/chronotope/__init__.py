@@ -10,8 +10,10 @@ io
     Readers for h5ad, 10x Visium folders, csv/tsv matrices and time series.
 datasets
     Loaders for the public datasets and the embedded demo data.
-pp, tl, pl
-    AnnData layer: preprocessing, tools and plots.
+pp, pl
+    AnnData layer: preprocessing (spatial neighbours) and plots.
+report, demo
+    The HTML report and the ``chronotope demo`` pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from chronotope._version import __version__
 
 logging.getLogger("chronotope").addHandler(logging.NullHandler())
 
-_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "tl", "pl", "report")
+_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "pl", "report", "demo")
 
 __all__ = ["__version__", *_SUBMODULES]
 
