@@ -1,0 +1,263 @@
+"""Command-line interface: ``chronotope [-q|-v] COMMAND ...``.
+
+The CLI only parses options and calls library functions; no algorithm lives here.
+
+Adding a command
+----------------
+A single command is a function decorated with ``@app.command()``. A family of
+commands (``chronotope dynamics fit ...``) is a sub-app::
+
+    dynamics_app = typer.Typer(help="Fit and query population dynamics.")
+    app.add_typer(dynamics_app, name="dynamics")
+
+    @dynamics_app.command("fit")
+    def dynamics_fit(data: Path = typer.Argument(...), ...) -> None:
+        adata = read_input(data)
+        chronotope.tl.fit_dynamics(adata, ...)   # the library does the work
+        write_output(adata, out)
+
+Library errors (``ValueError``, ``KeyError``, ``FileNotFoundError`` and other
+``OSError``) are turned into one line ``error: ...`` and exit status 1 by
+:func:`main`; with ``-v`` the traceback is printed as well. Use :func:`show_progress`
+for the ``progress=`` argument of library calls, so that ``-q`` silences them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from chronotope._version import __version__
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["app", "main", "read_input", "show_progress", "write_output"]
+
+logger = logging.getLogger("chronotope")
+
+app = typer.Typer(
+    name="chronotope",
+    help="Optimal transport for spatial and temporal transcriptomics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Verbosity chosen on the command line: -1 quiet, 0 default, >= 1 verbose.
+_state = {"verbosity": 0}
+
+
+class _TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log handler that writes through tqdm, so messages do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    log = logging.getLogger("chronotope")
+    for h in list(log.handlers):
+        if getattr(h, "_chronotope_cli", False):
+            log.removeHandler(h)
+    handler = _TqdmHandler()
+    handler._chronotope_cli = True  # type: ignore[attr-defined]
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbosity > 0 else "%(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(handler)
+    log.setLevel(level)
+
+
+def show_progress() -> bool:
+    """Whether progress bars should be shown (``False`` under ``-q``)."""
+    return _state["verbosity"] >= 0
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"chronotope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            show_default=False,
+            help="More logging (debug) and full tracebacks.",
+        ),
+    ] = 0,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Optimal transport for spatial and temporal transcriptomics."""
+    if quiet and verbose:
+        raise typer.BadParameter("use either -q or -v, not both.", param_hint="-q/-v")
+    _state["verbosity"] = -1 if quiet else verbose
+    _configure_logging(_state["verbosity"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+# --------------------------------------------------------------------------- helpers
+def read_input(path: Path) -> AnnData:
+    """Read an ``.h5ad`` input, failing with a clear message if it does not exist."""
+    import anndata as ad
+
+    from chronotope._validate import check_file
+
+    return ad.read_h5ad(check_file(path, "input .h5ad"))
+
+
+def write_output(adata: AnnData, path: Path) -> Path:
+    """Write ``adata`` to ``path`` (.h5ad) atomically: temporary file, then replace."""
+    if path.suffix != ".h5ad":
+        raise ValueError(f"output {str(path)!r} must end in .h5ad.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- commands
+@app.command()
+def info() -> None:
+    """Print versions, the compute device, threads and where the data are."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def _version(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cuda = torch.cuda.is_available()
+    rows = [
+        ("chronotope", __version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", torch.__version__),
+        ("numpy", _version("numpy")),
+        ("scipy", _version("scipy")),
+        ("anndata", _version("anndata")),
+        ("cuda", "available" if cuda else "not available"),
+    ]
+    if cuda:
+        rows.append(("device", f"cuda:0 ({torch.cuda.get_device_name(0)})"))
+    else:
+        rows.append(("device", f"cpu ({platform.processor() or platform.machine()})"))
+    rows.append(("torch threads", str(torch.get_num_threads())))
+    rows.append(("cpu cores", str(os.cpu_count())))
+    rows.append(("data dir", _data_dir_line()))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def _data_dir_line() -> str:
+    """Describe the folder of public datasets (``CHRONOTOPE_DATA`` or ``../shared/data``)."""
+    try:
+        from chronotope.datasets import get_data_dir
+    except ImportError:
+        return "unknown (chronotope.datasets not installed)"
+    try:
+        return f"{get_data_dir()} (found)"
+    except (FileNotFoundError, ValueError) as exc:
+        return f"not found: {' '.join(str(exc).split())}"
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder for report.html and figures.")
+    ],
+    device: Annotated[
+        str, typer.Option(help="Torch device for the solvers: cpu, cuda, cuda:N or auto.")
+    ] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed for every random step.")] = 0,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run only this section (repeatable), e.g. --only graph."),
+    ] = None,
+) -> None:
+    """Run every capability on the embedded demo data and write OUT/report.html."""
+    from chronotope.demo import run_demo
+
+    result = run_demo(out, device=device, seed=seed, only=only, progress=show_progress())
+    n_ok = sum(v == "ok" for v in result.status.values())
+    n_na = sum(v == "not available" for v in result.status.values())
+    if _state["verbosity"] >= 0:
+        typer.echo(
+            f"wrote {result.report_path} ({n_ok} sections ok, {n_na} not available, "
+            f"{len(result.failed)} failed, {result.seconds:.1f} s)"
+        )
+    if result.failed:
+        reasons = "; ".join(f"{k}: {result.errors[k]}" for k in result.failed)
+        raise _CommandError(f"demo section(s) failed ({reasons}); see {result.report_path}")
+
+
+class _CommandError(RuntimeError):
+    """A command finished but must exit non-zero with the given one-line reason."""
+
+
+# --------------------------------------------------------------------------- entry point
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        msg = f"missing key {exc.args[0]!r}" if isinstance(exc.args[0], str) else str(exc)
+    else:
+        msg = str(exc) or type(exc).__name__
+    msg = " ".join(msg.split())
+    return msg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI (the ``chronotope`` console script).
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+    """
+    _state["verbosity"] = 0
+    try:
+        app(args=argv, prog_name="chronotope")
+    except (_CommandError, ValueError, KeyError, OSError) as exc:
+        if _state["verbosity"] > 0:
+            traceback.print_exc(file=sys.stderr)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
