@@ -195,7 +195,13 @@ class DemoContext:
         """Wrap ``iterable`` in a tqdm progress bar (silent when ``progress`` is off)."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False)
+        return tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            disable=True if not self.progress else None,
+            leave=False,
+        )
 
 
 @dataclass
@@ -418,10 +424,18 @@ def _section_data(report: Report, ctx: DemoContext) -> None:
         if "spatial" in adata.obsm and "slice" in adata.obs.columns:
             slices = list(pd.Categorical(adata.obs["slice"]).categories)
             fig, axes = _figure(1, len(slices), size=(3.4, 3.2))
-            for ax, s in zip(axes[0], slices, strict=True):
+            vmax = float(np.quantile(totals, 0.99)) if totals is not None else None
+            for i, (ax, s) in enumerate(zip(axes[0], slices, strict=True)):
                 sub = adata[(adata.obs["slice"] == s).to_numpy()]
-                col = _total_counts(sub.X)
-                pl.spatial(sub, color=col, ax=ax, title=f"slice {s}", colorbar=False)
+                pl.spatial(
+                    sub,
+                    color=_total_counts(sub.X),
+                    ax=ax,
+                    title=f"slice {s}",
+                    vmin=0.0,
+                    vmax=vmax,
+                    colorbar=i == len(slices) - 1,
+                )
             sec.add_figure(fig, f"{name}: spots of each slice, coloured by total counts")
         elif "spatial" in adata.obsm:
             color: Any = next((c for c in ("layer", "in_tissue") if c in adata.obs.columns), totals)
@@ -575,7 +589,7 @@ def _section_ot_time(report: Report, ctx: DemoContext) -> None:
 
     from chronotope import ot
 
-    name, epsilon, n_per_time = "emt", 0.05, 1500
+    name, epsilon, n_per_time = "emt", 0.01, 1500
     adata = ctx.dataset(name)
     x_all = np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float32)
     time_all = pd.to_numeric(adata.obs["time"], errors="coerce").to_numpy()
@@ -639,7 +653,7 @@ def _section_ot_time(report: Report, ctx: DemoContext) -> None:
                 "time (s)": round(t.seconds, 3),
             }
         )
-        pick = rng.choice(len(x), size=min(40, len(x)), replace=False)
+        pick = rng.choice(len(x), size=min(25, len(x)), replace=False)
         start, end = (x[pick] - mean) @ basis, (bary[pick] - mean) @ basis
         ax.quiver(
             start[:, 0],
