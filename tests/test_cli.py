@@ -112,3 +112,19 @@ def test_demo_end_to_end(capsys, tmp_path):
             assert (out / fig).read_bytes()[:4] == b"\x89PNG"
     if not demo_mod.SECTIONS[0].missing():
         assert meta["sections"][0]["figures"], "the data section draws figures"
+
+
+def test_read_input_and_write_output(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    from chronotope.cli import read_input, write_output
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_input(tmp_path / "missing.h5ad")
+    with pytest.raises(ValueError, match=r"\.h5ad"):
+        write_output(ad.AnnData(np.ones((2, 2), dtype=np.float32)), tmp_path / "x.txt")
+    a = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    path = write_output(a, tmp_path / "sub" / "out.h5ad")
+    assert read_input(path).shape == (3, 2)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.h5ad"]

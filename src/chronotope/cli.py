@@ -30,7 +30,7 @@ import platform
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -126,13 +126,11 @@ def _root(
 
 
 # --------------------------------------------------------------------------- helpers
-def read_input(path: Path) -> AnnData:
-    """Read an ``.h5ad`` input, failing with a clear message if it does not exist."""
-    import anndata as ad
+def read_input(path: Path, **kwargs: Any) -> AnnData:
+    """Read and validate an ``.h5ad`` input (:func:`chronotope.io.read_h5ad`)."""
+    from chronotope.io import read_h5ad
 
-    from chronotope._validate import check_file
-
-    return ad.read_h5ad(check_file(path, "input .h5ad"))
+    return read_h5ad(path, **kwargs)
 
 
 def write_output(adata: AnnData, path: Path) -> Path:
