@@ -438,19 +438,20 @@ def _section_data(report: Report, ctx: DemoContext) -> None:
                 )
             sec.add_figure(fig, f"{name}: spots of each slice, coloured by total counts")
         elif "spatial" in adata.obsm:
-            color: Any = next((c for c in ("layer", "in_tissue") if c in adata.obs.columns), totals)
+            color: Any
+            if "layer" in adata.obs.columns:
+                color, what = "layer", "layer"
+            elif "in_tissue" in adata.obs.columns:
+                color, what = adata.obs["in_tissue"].astype(str).to_numpy(), "in_tissue"
+            else:
+                color, what = totals, "total counts"
             fig, axes = _figure()
-            if isinstance(color, str) and color == "in_tissue":
-                color = adata.obs["in_tissue"].astype(str).to_numpy()
             pl.spatial(adata, color=color, ax=axes[0, 0], title=name)
-            what = color if isinstance(color, str) else "total counts"
-            if name.startswith("mouse_brain") or "in_tissue" in adata.obs.columns:
-                what = "in_tissue"
             sec.add_figure(fig, f"{name}: spots coloured by {what}")
         elif "time" in adata.obs.columns:
-            xd = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
             pick = ctx.rng().permutation(adata.n_obs)[:20_000]
-            xd = np.asarray(xd[pick], dtype=float)
+            xd = adata.X[pick]
+            xd = np.asarray(xd.toarray() if sp.issparse(xd) else xd, dtype=float)
             mean, basis = _pca_basis(xd)
             emb = (xd - mean) @ basis
             fig, axes = _figure()
