@@ -22,6 +22,7 @@ with its traceback, and the other sections still run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import itertools
 import logging
@@ -190,6 +191,13 @@ class DemoContext:
             yield t
         finally:
             t.seconds = time.perf_counter() - start
+
+    @property
+    def bars(self) -> bool:
+        """Whether to ask library solvers for their own progress bars (on a terminal only)."""
+        import sys
+
+        return self.progress and sys.stderr.isatty()
 
     def track(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         """Wrap ``iterable`` in a tqdm progress bar (silent when ``progress`` is off)."""
@@ -719,7 +727,7 @@ def _section_ot_batched(report: Report, ctx: DemoContext) -> None:
     geom = ot.PointCloud(coords, scale_cost="max", device=ctx.device)
     solver = ot.Sinkhorn(epsilon=epsilon, max_iter=2000, tol=1e-5)
     with ctx.timer() as t_batch:
-        out = solver(ot.LinearProblem(geom, b=hist))
+        out = dataclasses.replace(solver, progress=ctx.bars)(ot.LinearProblem(geom, b=hist))
         batched = np.asarray(out.primal_cost.detach().cpu(), dtype=float).ravel()
     looped = []
     with ctx.timer() as t_loop:
