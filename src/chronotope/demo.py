@@ -598,7 +598,7 @@ def _section_ot_time(report: Report, ctx: DemoContext) -> None:
 
     from chronotope import ot
 
-    name, epsilon, n_per_time = "emt", 0.01, 1500
+    name, epsilon, n_per_time = "emt", 0.01, 1000
     adata = ctx.dataset(name)
     x_all = np.asarray(adata.X.toarray() if sp.issparse(adata.X) else adata.X, dtype=np.float32)
     time_all = pd.to_numeric(adata.obs["time"], errors="coerce").to_numpy()
@@ -706,7 +706,7 @@ def _section_ot_batched(report: Report, ctx: DemoContext) -> None:
 
     name = "dlpfc_151673"
     adata = ctx.dataset(name)
-    n_genes, n_loop, epsilon = 32, 8, 0.05
+    n_genes, n_loop, epsilon = 32, 4, 0.05
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float32)
     x = adata.X
     totals = np.asarray(x.sum(axis=0)).ravel()
