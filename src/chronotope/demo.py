@@ -646,7 +646,7 @@ def _section_ot_time(report: Report, ctx: DemoContext) -> None:
                 epsilon=epsilon,
                 scale_cost="mean",
                 max_iter=2000,
-                tol=1e-5,
+                tol=1e-4,
                 device=ctx.device,
             )
             bary = out.barycentric_projection(y)
