@@ -10,17 +10,30 @@ Shaped as geometry / problem / solver / output:
 or in one call, ``ot.sinkhorn(x, y, epsilon=0.01)``.
 """
 
+from chronotope.ot.barycenter import BarycenterOutput, free_support_barycenter
 from chronotope.ot.geometry import DenseGeometry, Geometry, PointCloud, SparseGeometry
+from chronotope.ot.gromov import (
+    FGWOutput,
+    GromovWasserstein,
+    QuadraticProblem,
+    fused_gromov_wasserstein,
+)
 from chronotope.ot.problem import LinearProblem
 from chronotope.ot.sinkhorn import Sinkhorn, SinkhornOutput, sinkhorn
 
 __all__ = [
+    "BarycenterOutput",
     "DenseGeometry",
+    "FGWOutput",
     "Geometry",
+    "GromovWasserstein",
     "LinearProblem",
     "PointCloud",
+    "QuadraticProblem",
     "Sinkhorn",
     "SinkhornOutput",
     "SparseGeometry",
+    "free_support_barycenter",
+    "fused_gromov_wasserstein",
     "sinkhorn",
 ]
