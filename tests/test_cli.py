@@ -128,3 +128,16 @@ def test_read_input_and_write_output(tmp_path):
     path = write_output(a, tmp_path / "sub" / "out.h5ad")
     assert read_input(path).shape == (3, 2)
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.h5ad"]
+
+
+def test_failed_demo_section_exits_nonzero_after_writing_report(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_mod, "SECTIONS", [])
+
+    def _boom(report, ctx):
+        raise KeyError("X_pca")
+
+    demo_mod.register_section("boom", "Boom", func=_boom)
+    code, _, err = run(capsys, "-q", "demo", "--out", str(tmp_path))
+    assert code == 1
+    _assert_one_line_error(err, "demo section(s) failed (boom: KeyError: 'X_pca')")
+    assert (tmp_path / "report.html").is_file()

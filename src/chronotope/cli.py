@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main", "read_input", "show_progress", "write_output"]
 
-logger = logging.getLogger("chronotope")
-
 app = typer.Typer(
     name="chronotope",
     help="Optimal transport for spatial and temporal transcriptomics.",
@@ -126,6 +124,10 @@ def _root(
 
 
 # --------------------------------------------------------------------------- helpers
+class _CommandError(RuntimeError):
+    """A command finished but must exit non-zero with the given one-line reason."""
+
+
 def read_input(path: Path, **kwargs: Any) -> AnnData:
     """Read and validate an ``.h5ad`` input (:func:`chronotope.io.read_h5ad`)."""
     from chronotope.io import read_h5ad
@@ -223,10 +225,6 @@ def demo(
     if result.failed:
         reasons = "; ".join(f"{k}: {result.errors[k]}" for k in result.failed)
         raise _CommandError(f"demo section(s) failed ({reasons}); see {result.report_path}")
-
-
-class _CommandError(RuntimeError):
-    """A command finished but must exit non-zero with the given one-line reason."""
 
 
 # --------------------------------------------------------------------------- entry point
