@@ -258,11 +258,13 @@ def child_fgw(spec: dict[str, Any]) -> dict[str, Any]:
         from chronotope import ot as cot
 
         with PeakRSS() as m:
+            # same objective as POT below: M / max(M), C / max(C) for each slice
             res = cot.fused_gromov_wasserstein(
                 torch.tensor(x1, dtype=torch.float32),
                 torch.tensor(x2, dtype=torch.float32),
-                torch.tensor(m_feat, dtype=torch.float32),
+                cost_xy=torch.tensor(m_feat, dtype=torch.float32),
                 alpha=alpha,
+                scale_cost="max",
                 **spec.get("kwargs", {}),
             )
             plan = res.dense_plan().double().numpy()

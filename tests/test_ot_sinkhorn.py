@@ -138,6 +138,18 @@ def test_batched_equals_loop(lse_mode):
         assert_allclose(out.dense_plan(column=k).numpy(), single.dense_plan().numpy(), atol=1e-10)
 
 
+@pytest.mark.parametrize("lse_mode", MODES)
+def test_batched_source_histograms_with_shared_target(lse_mode):
+    x, y, _, b = _problem(18)
+    amat = np.random.default_rng(18).random((30, 4)) + 0.1
+    amat /= amat.sum(0)
+    out = _solve(x, y, amat, b, epsilon=0.1, lse_mode=lse_mode)
+    assert out.f.shape == (30, 4) and out.g.shape == (40, 4)
+    for k in range(4):
+        single = _solve(x, y, amat[:, k], b, epsilon=0.1, lse_mode=True)
+        assert_allclose(out.dense_plan(column=k).numpy(), single.dense_plan().numpy(), atol=1e-10)
+
+
 def test_chunked_point_cloud_equals_dense():
     x, y, a, b = _problem(8, n=53, m=47)
     full = _solve(x, y, a, b, epsilon=0.05)

@@ -152,7 +152,8 @@ class Geometry:
     def _kernel_block(
         self, blk: torch.Tensor, rows: slice, f: torch.Tensor, g: torch.Tensor, epsilon: float
     ) -> torch.Tensor:
-        return torch.exp((f[rows].unsqueeze(1) + g.unsqueeze(0) - blk) / epsilon)
+        out = f[rows].unsqueeze(1) + g.unsqueeze(0)  # one block-sized temporary, then in place
+        return out.sub_(blk).div_(epsilon).exp_()
 
     def kernel_apply(
         self,

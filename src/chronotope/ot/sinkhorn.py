@@ -499,7 +499,7 @@ class _State:
             # Any starting g is valid: start at the c-transform references shifted
             # by eps * log b, so that the scalings start at v = b.
             f_ref, g_ref = geom.c_transform_init()
-            g = g_ref[:, None] + eps * self.logb
+            g = (g_ref[:, None] + eps * self.logb).expand(-1, self.p.n_histograms).clone()
         logv = (g - g_ref[:, None]).div_(eps)
         del g
         v = torch.exp(logv)
