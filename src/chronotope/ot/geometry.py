@@ -235,12 +235,32 @@ class Geometry:
         """Return ``<P, C>`` for the plan ``P_ij = exp((f_i + g_j - C_ij) / epsilon)``.
 
         ``f`` and ``g`` are ``(n, G)`` and ``(m, G)``; the result has shape ``(G,)``.
+        Several columns share one kernel product: with ``f_ref``, ``g_ref`` the
+        per-point maxima over columns, ``<P_k, C> = u_k^T (K o C) v_k`` where
+        ``K = exp((f_ref + g_ref - C) / eps)`` and ``u, v <= 1`` (exact per-column
+        sums for a block whose shared kernel would overflow).
         """
-        total = torch.zeros(f.shape[1], dtype=f.dtype, device=f.device)
-        for rows, blk in self.cost_blocks(self._default_block_rows(f.shape[1])):
-            c = blk.unsqueeze(-1)
-            p = torch.exp((f[rows].unsqueeze(1) + g.unsqueeze(0) - c) / epsilon)
-            total = total + torch.where(p > 0, p * c, torch.zeros_like(p)).sum(dim=(0, 1))
+        n_cols = f.shape[1]
+        total = torch.zeros(n_cols, dtype=f.dtype, device=f.device)
+        if n_cols == 1:
+            for rows, blk in self.cost_blocks():
+                total += _exact_plan_cost(f[rows], g, blk, epsilon)
+            return total
+        f_ref, g_ref = _column_max(f), _column_max(g)
+        u = torch.exp((f - f_ref[:, None]) / epsilon)
+        v = torch.exp((g - g_ref[:, None]) / epsilon)
+        limit = 0.5 * math.log(torch.finfo(f.dtype).max)
+        for rows, blk in self.cost_blocks():
+            expo = (f_ref[rows].unsqueeze(1) + g_ref.unsqueeze(0) - blk) / epsilon
+            if float(expo.max()) > limit:
+                for start in range(rows.start, rows.stop, 64):
+                    sub = slice(start, min(rows.stop, start + 64))
+                    total += _exact_plan_cost(
+                        f[sub], g, blk[sub.start - rows.start : sub.stop - rows.start], epsilon
+                    )
+                continue
+            kc = expo.exp_().mul_(blk).nan_to_num_(nan=0.0)
+            total += (u[rows] * (kc @ v)).sum(0)
         return total
 
     def plan_mass(self, f: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -602,9 +622,26 @@ class SparseGeometry(Geometry):
         return f, g
 
     def plan_cost(self, f: torch.Tensor, g: torch.Tensor, epsilon: float) -> torch.Tensor:
-        c = self.values.unsqueeze(1)
-        p = torch.exp((f[self._row] + g[self._col] - c) / epsilon)
-        return (p * c).sum(0)
+        # One sparse product for all columns (see Geometry.plan_cost); exact
+        # column-chunked sums only if the shared kernel would overflow.
+        c = self.values
+        f_ref, g_ref = _column_max(f), _column_max(g)
+        expo = (f_ref[self._row] + g_ref[self._col] - c) / epsilon
+        if float(expo.max()) > 0.5 * math.log(torch.finfo(f.dtype).max):
+            step = self._columns_per_chunk(f.shape[1])
+            parts = []
+            for start in range(0, f.shape[1], step):
+                cols = slice(start, start + step)
+                p = torch.exp((f[self._row, cols] + g[self._col, cols] - c[:, None]) / epsilon)
+                parts.append((p * c[:, None]).sum(0))
+            return torch.cat(parts)
+        u = torch.exp((f - f_ref[:, None]) / epsilon)
+        v = torch.exp((g - g_ref[:, None]) / epsilon)
+        kc = expo.exp_().mul_(c)
+        kmat = torch.sparse_coo_tensor(
+            torch.stack([self._row, self._col]), kc, size=self.shape
+        ).coalesce()
+        return (u * torch.sparse.mm(kmat, v)).sum(0)
 
     def plan_topk(
         self, f: torch.Tensor, g: torch.Tensor, epsilon: float, k: int
@@ -622,3 +659,18 @@ class SparseGeometry(Geometry):
             self._col[keep].cpu().numpy(),
             torch.exp(logp[keep]).detach().cpu().numpy(),
         )
+
+
+def _column_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-row maximum over columns, 0 where a row is all ``-inf``."""
+    m = x.amax(1)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _exact_plan_cost(
+    f: torch.Tensor, g: torch.Tensor, blk: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """``sum_ij P_ij C_ij`` per column for a row block, with an ``(r, m, G)`` temporary."""
+    c = blk.unsqueeze(-1)
+    p = torch.exp((f.unsqueeze(1) + g.unsqueeze(0) - c) / epsilon)
+    return torch.where(p > 0, p * c, torch.zeros_like(p)).sum(dim=(0, 1))
