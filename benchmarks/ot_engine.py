@@ -122,7 +122,7 @@ def prepare_inputs() -> None:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    case, engine = spec["case"], spec["engine"]
+    case, engine = spec["case"], spec.get("engine", "chronotope-f32")
     out: dict[str, Any] = {}
     if case == "dense":
         d = np.load(CACHE / "emt.npz")

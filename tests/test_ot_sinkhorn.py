@@ -136,6 +136,7 @@ def test_batched_equals_loop(lse_mode):
     for k in range(6):
         single = _solve(x, y, a, bmat[:, k], epsilon=0.05, lse_mode=True)
         assert_allclose(out.dense_plan(column=k).numpy(), single.dense_plan().numpy(), atol=1e-10)
+        assert_allclose(float(out.primal_cost[k]), float(single.primal_cost), rtol=1e-9)
 
 
 @pytest.mark.parametrize("lse_mode", MODES)
