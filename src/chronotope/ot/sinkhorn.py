@@ -326,7 +326,9 @@ class Sinkhorn:
             a2 = a2 if a2.ndim == 2 else a2[:, None]
             b2 = problem.b.detach()
             b2 = b2 if b2.ndim == 2 else b2[:, None]
-            loga, logb = torch.log(a2), torch.log(b2)
+            loga = torch.log(a2)
+            # log b of many columns is recomputed where needed, not kept (m x G memory).
+            logb = torch.log(b2) if b2.shape[1] == 1 else None
             f, g = self._init(problem, init, eps, loga, logb)
             state = _State(self, problem, eps, loga, logb, a2, b2)
             f, g, errors, n_iter, lse_used = state.run(f, g)
@@ -362,8 +364,8 @@ class Sinkhorn:
         init: tuple[torch.Tensor | None, torch.Tensor | None] | None,
         eps: float,
         loga: torch.Tensor,
-        logb: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        logb: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         f0, g0 = (None, None) if init is None else init
         n, m = problem.geom.shape
         ncol = problem.n_histograms
@@ -377,7 +379,7 @@ class Sinkhorn:
             return t.expand(size, ncol).clone()
 
         f = None if f0 is None else _as2d(f0, n)
-        g = (eps * logb).expand(m, ncol).clone() if g0 is None else _as2d(g0, m)
+        g = None if g0 is None else _as2d(g0, m)
         return f, g
 
     def _unroll(
@@ -409,7 +411,7 @@ class _State:
         self.p = problem
         self.geom = problem.geom
         self.eps = eps
-        self.loga, self.logb = loga, logb
+        self.loga, self._logb = loga, logb
         self.a2, self.b2 = a2, b2
         self.errors: list[torch.Tensor] = []
         self.it = 0
@@ -417,9 +419,14 @@ class _State:
         if solver.progress is True:
             self.bar = tqdm(total=solver.max_iter, desc="sinkhorn", leave=False)
 
+    @property
+    def logb(self) -> torch.Tensor:
+        """``log b``: stored for one column, computed on demand for many."""
+        return self._logb if self._logb is not None else torch.log(self.b2)
+
     # ---------------------------------------------------------------- loop
     def run(
-        self, f: torch.Tensor | None, g: torch.Tensor
+        self, f: torch.Tensor | None, g: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
         try:
             use_lse = self.s.lse_mode is True
@@ -431,6 +438,8 @@ class _State:
                 else:
                     f, g = out
             if use_lse:
+                if g is None:
+                    g = (self.eps * self.logb).expand(-1, self.p.n_histograms).clone()
                 f, g = self._run_lse(f, g, self.s.max_iter)
         finally:
             if self.bar is not None:
@@ -487,20 +496,20 @@ class _State:
 
     # -------------------------------------------------- stabilised scaling
     def _run_scaling(
-        self, f: torch.Tensor | None, g: torch.Tensor
+        self, f: torch.Tensor | None, g: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         eps, geom = self.eps, self.geom
         tau_a, tau_b = self.p.tau_a, self.p.tau_b
         thr = _absorb_threshold(geom.dtype)
-        if f is not None:
-            f_ref = f.mean(1)
+        if g is not None:  # warm start (the iterations only need g to begin)
             g_ref = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).mean(1)
+            f_ref = f.mean(1) if f is not None else geom.c_transform_init()[0]
+            logv = (g - g_ref[:, None]).div_(eps)
         else:
             # Any starting g is valid: start at the c-transform references shifted
             # by eps * log b, so that the scalings start at v = b.
             f_ref, g_ref = geom.c_transform_init()
-            g = (g_ref[:, None] + eps * self.logb).expand(-1, self.p.n_histograms).clone()
-        logv = (g - g_ref[:, None]).div_(eps)
+            logv = self.logb.expand(-1, self.p.n_histograms).clone()
         del g
         v = torch.exp(logv)
         self._fallback_f, self._fallback_g = None, None
@@ -521,8 +530,12 @@ class _State:
             if tau_b == 0.0:
                 logv_new = (self.logb - g_ref[:, None] / eps).expand_as(log_ktu).clone()
             else:
-                logv_new = log_ktu * (-tau_b)
-                logv_new.add_(self.logb)
+                if self._logb is not None:
+                    logv_new = log_ktu * (-tau_b)
+                    logv_new.add_(self._logb)
+                else:  # one fresh m x G buffer, no stored log b
+                    logv_new = torch.log(self.b2)
+                    logv_new.sub_(log_ktu if tau_b == 1.0 else log_ktu * tau_b)
                 if tau_b != 1.0:
                     logv_new.add_((tau_b - 1.0) * g_ref[:, None] / eps)
             self.it += 1
