@@ -151,6 +151,21 @@ def test_batched_source_histograms_with_shared_target(lse_mode):
         assert_allclose(out.dense_plan(column=k).numpy(), single.dense_plan().numpy(), atol=1e-10)
 
 
+def test_column_batches_equal_one_solve():
+    x, y, a, _ = _problem(19)
+    bmat = np.random.default_rng(19).random((40, 7)) + 0.05
+    bmat /= bmat.sum(0)
+    whole = _solve(x, y, a, bmat, epsilon=0.1)
+    solver = cot.Sinkhorn(epsilon=0.1, tol=1e-12, max_iter=100_000, column_batch_size=3)
+    parts = solver(cot.LinearProblem(cot.PointCloud(x, y), a, bmat))
+    assert parts.f.shape == (30, 7) and parts.converged
+    assert_allclose(parts.primal_cost.numpy(), whole.primal_cost.numpy(), rtol=1e-10)
+    for k in (0, 4, 6):
+        assert_allclose(
+            parts.dense_plan(column=k).numpy(), whole.dense_plan(column=k).numpy(), atol=1e-12
+        )
+
+
 def test_chunked_point_cloud_equals_dense():
     x, y, a, b = _problem(8, n=53, m=47)
     full = _solve(x, y, a, b, epsilon=0.05)

@@ -44,6 +44,7 @@ available by unrolling the last ``n_unroll`` log-domain iterations.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -297,6 +298,10 @@ class Sinkhorn:
         at every check.
     warn
         Emit :class:`~chronotope._errors.ConvergenceWarning` when ``tol`` is not met.
+    column_batch_size
+        Solve at most this many histograms at a time (the columns are
+        independent problems), bounding memory to ``O((n + m) x
+        column_batch_size)`` for any ``G``; ``None`` solves all columns at once.
     """
 
     epsilon: float | None = None
@@ -308,6 +313,7 @@ class Sinkhorn:
     n_unroll: int = 0
     progress: bool | ProgressCallback = False
     warn: bool = True
+    column_batch_size: int | None = None
 
     def __call__(
         self,
@@ -315,6 +321,9 @@ class Sinkhorn:
         init: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> SinkhornOutput:
         """Solve ``problem``, optionally warm-started from potentials ``init = (f, g)``."""
+        step = self.column_batch_size
+        if step is not None and problem.batched and problem.n_histograms > step:
+            return self._solve_in_column_batches(problem, init, step)
         t0 = time.perf_counter()
         geom = problem.geom
         eps = float(self.epsilon) if self.epsilon is not None else 0.05 * geom.mean_cost
@@ -356,6 +365,61 @@ class Sinkhorn:
             problem=problem,
             lse_mode=lse_used,
             timings=timings,
+        )
+
+    def _solve_in_column_batches(
+        self,
+        problem: LinearProblem,
+        init: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+        step: int,
+    ) -> SinkhornOutput:
+        """Solve column chunks one after the other and concatenate the outputs."""
+        t0 = time.perf_counter()
+        n_cols = problem.n_histograms
+        solver = dataclasses.replace(self, column_batch_size=None)
+
+        def _cols(w: torch.Tensor | None, c: slice) -> torch.Tensor | None:
+            if w is None:
+                return None
+            return w[:, c] if w.ndim == 2 else w
+
+        fs, gs, errs, n_iter, lse_used = [], [], [], 0, False
+        for start in range(0, n_cols, step):
+            c = slice(start, min(n_cols, start + step))
+            sub = LinearProblem(
+                problem.geom,
+                _cols(problem.a, c),
+                _cols(problem.b, c),
+                tau_a=problem.tau_a,
+                tau_b=problem.tau_b,
+            )
+            sub_init = None if init is None else (_cols(init[0], c), _cols(init[1], c))
+            out = solver(sub, init=sub_init)
+            f, g = out._fg2d()
+            fs.append(f)
+            gs.append(g)
+            e = out.errors if out.errors.ndim == 2 else out.errors[:, None]
+            errs.append(e)
+            n_iter = max(n_iter, out.n_iter)
+            lse_used = lse_used or out.lse_mode
+        n_checks = max(e.shape[0] for e in errs)
+        # chunks that stopped early keep their last error for the remaining checks
+        padded = [
+            torch.cat([e, e[-1:].expand(n_checks - e.shape[0], -1)]) if 0 < e.shape[0] else e
+            for e in errs
+        ]
+        errors = torch.cat(padded, dim=1)
+        converged = bool(errors.shape[0] > 0 and (errors[-1] < self.tol).all())
+        return SinkhornOutput(
+            f=torch.cat(fs, dim=1),
+            g=torch.cat(gs, dim=1),
+            errors=errors,
+            converged=converged,
+            n_iter=n_iter,
+            epsilon=out.epsilon,
+            problem=problem,
+            lse_mode=lse_used,
+            timings={"solve": time.perf_counter() - t0},
         )
 
     def _init(
