@@ -26,7 +26,7 @@ from chronotope._version import __version__
 
 logging.getLogger("chronotope").addHandler(logging.NullHandler())
 
-_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "pl", "report", "demo")
+_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "tl", "pl", "domains", "report", "demo")
 
 __all__ = ["__version__", *_SUBMODULES]
 

@@ -227,6 +227,63 @@ def demo(
         raise _CommandError(f"demo section(s) failed ({reasons}); see {result.report_path}")
 
 
+@app.command()
+def domains(
+    data: Annotated[Path, typer.Argument(help="Input .h5ad: raw counts in .X, obsm['spatial'].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad (obs['domain']).")],
+    n_domains: Annotated[int, typer.Option("--n-domains", "-k", help="Number of domains.")] = 7,
+    batch_key: Annotated[
+        str | None, typer.Option(help="obs column naming the slice of each spot.")
+    ] = None,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
+    method: Annotated[str, typer.Option(help="Clustering: gmm, kmeans or leiden.")] = "gmm",
+    refine: Annotated[bool, typer.Option(help="Spatial majority-vote refinement.")] = True,
+    labels_key: Annotated[
+        str | None, typer.Option(help="obs column with reference labels for the figure.")
+    ] = None,
+    figures: Annotated[
+        Path | None, typer.Option(help="Folder for domains.png and gene_importance.png.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the model and the clustering.")] = 0,
+) -> None:
+    """Find spatial domains (graph contrastive encoder + clustering); writes obs['domain']."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    adata = read_input(data)
+    ct.tl.spatial_domains(
+        adata,
+        n_domains,
+        spatial_key=spatial_key,
+        batch_key=batch_key,
+        method=method,  # type: ignore[arg-type]
+        refine=refine,
+        seed=seed,
+        device=None if device == "auto" else device,
+        progress=show_progress(),
+    )
+    write_output(adata, out)
+    if figures is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figures.mkdir(parents=True, exist_ok=True)
+        for name, fig in (
+            ("domains.png", ct.pl.domains(adata, labels_key=labels_key, spatial_key=spatial_key)),
+            ("gene_importance.png", ct.pl.gene_importance(adata)),
+        ):
+            fig.savefig(figures / name, dpi=120)
+    if _state["verbosity"] >= 0:
+        counts = adata.obs["domain"].value_counts().sort_index()
+        typer.echo(
+            f"wrote {out}: {adata.n_obs} spots in {len(counts)} domains "
+            f"({', '.join(f'{k}:{v}' for k, v in counts.items())}), "
+            f"{adata.uns['domain']['seconds']:.1f} s"
+        )
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:

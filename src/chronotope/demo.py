@@ -894,3 +894,11 @@ def _section_align(report: Report, ctx: DemoContext) -> None:
         fig,
         f"Sections {slice_ids[0]} and {slice_ids[1]} overlaid before and after alignment",
     )
+
+
+register_section(
+    "domains",
+    "Spatial domains (graph contrastive encoder)",
+    "chronotope.domains._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:spatial_domains"),
+)

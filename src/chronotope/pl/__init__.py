@@ -1,7 +1,8 @@
-"""Plotting: small matplotlib helpers that take an AnnData and return Axes."""
+"""Plotting: small matplotlib helpers that take an AnnData and return Axes or a Figure."""
 
 from __future__ import annotations
 
+from chronotope.pl._domains import domains, gene_importance
 from chronotope.pl._spatial import spatial
 
-__all__ = ["spatial"]
+__all__ = ["domains", "gene_importance", "spatial"]
