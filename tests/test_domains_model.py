@@ -230,3 +230,28 @@ def test_cli_domains(tmp_path):
     assert adjusted_rand_score(out.obs["band"], out.obs["domain"]) > 0.8
     assert (tmp_path / "fig" / "domains.png").stat().st_size > 1000
     assert (tmp_path / "fig" / "gene_importance.png").exists()
+
+
+def test_demo_section_registered_and_available():
+    from chronotope import demo as demo_mod
+
+    sec = {s.name: s for s in demo_mod.SECTIONS}["domains"]
+    for req in sec.requires:
+        module, attr = req.split(":")
+        import importlib
+
+        assert hasattr(importlib.import_module(module), attr)
+
+
+@pytest.mark.slow
+def test_demo_domains_section_on_dlpfc(tmp_path):
+    """The demo section on the embedded DLPFC 151673 (about a minute)."""
+    import json
+
+    from chronotope.demo import run_demo
+
+    res = run_demo(tmp_path, only=["domains"], progress=False)
+    assert res.status["domains"] == "ok", res.errors
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    assert "ARI vs manual layers" in text

@@ -58,6 +58,8 @@ _PARAMS = "params.json"
 # The gate starts at sigmoid(2) ~ 0.88 for every gene; with the shared learning rate it
 # could move by at most ~0.3 in logit over 300 steps, so it learns 10x faster.
 _GATE_LR_FACTOR = 10.0
+# Optimisation steps of the default schedule (full batch or mini-batches alike).
+_N_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,8 @@ class DomainModelParams:
     n_hops
         Number of graph hops ``K`` aggregated (hops ``0..K``).
     max_epochs
-        Passes over the spots. ``None``: 300 for data that fit in one batch, and for
-        larger data as many epochs as give 1,500 optimisation steps (at least 5).
+        Passes over the spots. ``None``: as many as give 300 optimisation steps (300
+        epochs for data that fit in one batch; 12 epochs of 25 batches at 200k spots).
     batch_size
         Spots per optimisation step; data with at most this many spots train full batch.
     learning_rate
@@ -233,7 +235,7 @@ class DomainModel:
         if self.params.max_epochs is not None:
             return int(self.params.max_epochs)
         steps = math.ceil(n_obs / self.params.batch_size)
-        return 300 if steps == 1 else max(5, math.ceil(1500 / steps))
+        return math.ceil(_N_STEPS / steps)
 
     def fit(
         self,
