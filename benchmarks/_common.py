@@ -36,6 +36,19 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set (``VmHWM``).
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux that survives ``exec``, so a
+    child started from a large parent reports the parent's peak.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 class PeakRSS:
     """Context manager sampling the resident set size in a thread.
 

@@ -55,7 +55,7 @@ Output ``OUT.npz``:
   ``train()``.
 
 stdout carries exactly one line, ``RESULT {json}`` (wall seconds of the whole process,
-peak RSS from ``resource.getrusage`` in bytes, and the run settings); GraphST's own
+peak RSS (``VmHWM``) in bytes, and the run settings); GraphST's own
 prints go to stderr and tqdm bars are off.
 
 Clustering (for the caller). GraphST's DLPFC tutorial does, after ``train()``::
@@ -92,7 +92,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
@@ -180,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     np.savez(args.output, embedding=emb, train_seconds=np.float64(train_seconds))
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so it can report the parent's peak.
+    with open("/proc/self/status") as fh:
+        peak = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:"))
     result = {
         "method": "graphst",
         "graphst_version": getattr(GraphST, "__version__", "1.1.1"),

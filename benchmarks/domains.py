@@ -19,7 +19,8 @@ scale
     each bin taking the counts of its nearest spot thinned to 25 %). chronotope time and
     peak RSS; GraphST at 10k for memory (a few epochs; its time per epoch is printed).
 
-Every run is a fresh process; peak RSS is the process's maximum resident set size.
+Every run is a fresh process; peak RSS is the process's high-water mark (``VmHWM``; not
+``ru_maxrss``, which on Linux keeps the parent's peak across ``exec``).
 Threads: ``--threads`` (default 1) for both tools, so runs do not fight over the cores.
 GraphST runs with the Python of its own environment (``--graphst-python``; see
 ``benchmarks/_graphst_peer.py`` for the install).
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, run_child
+from _common import emit, peak_rss_bytes, run_child
 
 HERE = Path(__file__).resolve()
 GRAPHST_PEER = HERE.parent / "_graphst_peer.py"
@@ -154,7 +154,7 @@ def child(spec: dict[str, Any]) -> None:
 
     import chronotope as ct
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    base = peak_rss_bytes() / 2**30
     adata = ad.read_h5ad(spec["input"])
     t0, c0 = time.perf_counter(), time.process_time()
     ct.tl.spatial_domains(adata, spec["n_domains"], seed=spec["seed"])
@@ -162,7 +162,7 @@ def child(spec: dict[str, Any]) -> None:
     out: dict[str, Any] = {
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "peak_rss_gb": peak_rss_bytes() / 2**30,
         "import_rss_gb": base,
         "hop_weights": [float(w) for w in adata.uns["domain"]["hop_weights"]],
     }
@@ -186,9 +186,9 @@ def run_chronotope(path: Path, k: int, seed: int, labels_key: str | None, thread
 def graphst_import_rss(py: str) -> float:
     """Peak RSS (GB) of GraphST's Python after importing what the runner imports."""
     code = (
-        "import resource, anndata, numpy, torch, scanpy, ot\n"
+        "import anndata, numpy, torch, scanpy, ot\n"
         "from GraphST import GraphST\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1])"
     )
     proc = subprocess.run([py, "-c", code], capture_output=True, text=True, check=False)
     try:
