@@ -61,6 +61,53 @@ def _check_input(
         raise ChronotopeInputError(f"only {(per_gene > 0).sum()} genes are expressed in {where}")
 
 
+def _preprocess_selected(
+    adata: AnnData,
+    layer: str | None,
+    n_top_genes: int,
+    n_comps: int,
+    batch_key: str | None,
+    seed: int,
+) -> None:
+    """HVG on the counts, then log-normalised selected genes -> PCA; no full-size layers.
+
+    The same numbers as :func:`chronotope.pp.preprocess` followed by
+    :func:`chronotope.pp.pca`, but only the selected genes are normalised (with library
+    sizes over all genes), so memory holds the counts plus one copy of the selected
+    genes instead of three copies of the whole matrix (the difference between fitting
+    200k spots in 6 GB or not).
+    """
+    from chronotope import pp
+
+    counts = adata.X if layer is None else adata.layers[layer]
+    view = AnnData(counts, obs=adata.obs[[]], var=adata.var[[]])
+    if batch_key is not None:
+        view.obs[batch_key] = adata.obs[batch_key].to_numpy()
+    pp.highly_variable_genes(view, n_top_genes=n_top_genes, batch_key=batch_key)
+    for col in view.var.columns:
+        adata.var[col] = view.var[col]
+    adata.uns["hvg"] = view.uns["hvg"]
+    genes = view.var["highly_variable"].to_numpy(dtype=bool)
+    lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    factor = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+    if sp.issparse(counts):
+        sub = sp.csr_matrix(counts)[:, np.flatnonzero(genes)].astype(np.float32)
+        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+        sub.data = np.log1p(sub.data * factor[rows]).astype(np.float32)
+    else:
+        sub = np.asarray(counts, dtype=np.float64)[:, genes] * factor[:, None]
+        sub = np.log1p(sub).astype(np.float32)
+    selected = AnnData(sub, obs=adata.obs[[]], var=adata.var[genes][[]])
+    del view, sub
+    pp.pca(selected, n_comps=n_comps, layer=None, use_highly_variable=False, random_state=seed)
+    loadings = np.zeros((adata.n_vars, selected.varm["PCs"].shape[1]), dtype=np.float32)
+    loadings[genes] = selected.varm["PCs"]
+    adata.obsm["X_pca"] = selected.obsm["X_pca"]
+    adata.varm["PCs"] = loadings
+    adata.uns["pca"] = selected.uns["pca"]
+    adata.uns["pca"]["params"]["layer"] = "log1p of the highly variable genes (not stored)"
+
+
 def spatial_domains(
     adata: AnnData,
     n_domains: int = 7,
@@ -85,11 +132,13 @@ def spatial_domains(
 
     Steps (each writes new keys; ``adata.X`` is never changed):
 
-    1. with ``preprocess=True``: :func:`chronotope.pp.preprocess` (library-size
-       normalisation, log1p, seurat_v3 highly variable genes on the counts) and
-       :func:`chronotope.pp.pca` (``n_comps`` components of the scaled log data, sparse
-       input stays sparse). With ``preprocess=False`` the existing ``obsm["X_pca"]``,
-       ``varm["PCs"]`` and ``var["highly_variable"]`` are used;
+    1. with ``preprocess=True``: seurat_v3 highly variable genes on the counts
+       (:func:`chronotope.pp.highly_variable_genes`), library-size normalisation to
+       1e4 and log1p of the selected genes, and :func:`chronotope.pp.pca` (``n_comps``
+       components of the scaled log data; sparse input stays sparse). The numbers are
+       those of :func:`chronotope.pp.preprocess` + :func:`chronotope.pp.pca`, but no
+       full-size layer is stored (memory). With ``preprocess=False`` the existing
+       ``obsm["X_pca"]``, ``varm["PCs"]`` and ``var["highly_variable"]`` are used;
     2. :func:`chronotope.pp.spatial_neighbors` (``n_neighbors`` nearest spots, per
        ``batch_key``), unless ``obsp["spatial_connectivities"]`` exists;
     3. :class:`chronotope.domains.DomainModel` trained on all spots (slices share weights);
@@ -154,22 +203,7 @@ def spatial_domains(
     start = time.perf_counter()
 
     if preprocess:
-        counts_layer = layer
-        if layer is not None:
-            # pp.preprocess reads counts from .X; give it a view with the layer as X.
-            view = AnnData(adata.layers[layer], obs=adata.obs[[]], var=adata.var[[]])
-            if batch_key is not None:
-                view.obs[batch_key] = adata.obs[batch_key].to_numpy()
-            pp.preprocess(view, n_top_genes=n_top_genes, batch_key=batch_key)
-            for key in ("normalized", "log1p"):
-                adata.layers[key] = view.layers[key]
-            for col in view.var.columns:
-                adata.var[col] = view.var[col]
-            adata.uns["hvg"] = view.uns["hvg"]
-        else:
-            pp.preprocess(adata, n_top_genes=n_top_genes, batch_key=batch_key)
-        del counts_layer
-        pp.pca(adata, n_comps=n_comps, random_state=seed)
+        _preprocess_selected(adata, layer, n_top_genes, n_comps, batch_key, seed)
     for key, where in (("X_pca", "obsm"), ("PCs", "varm")):
         if key not in getattr(adata, where):
             raise ChronotopeInputError(
