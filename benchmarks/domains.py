@@ -81,7 +81,8 @@ def _tile(n: int, kind: str, seed: int = 0):
     xy = np.asarray(base.obsm["spatial"], dtype=float)
     span = xy.max(0) - xy.min(0) + 300.0
     rng = np.random.default_rng(seed)
-    n_base = base.n_obs if kind == "visium" else base.n_obs * 4  # bins at half the pitch
+    # bins at half the pitch: about 3 per spot once bins away from tissue are dropped
+    n_base = base.n_obs if kind == "visium" else base.n_obs * 3
     n_tiles = int(np.ceil(n / n_base))
     cols = int(np.ceil(np.sqrt(n_tiles)))
     shifts = np.array([(i % cols, i // cols) for i in range(n_tiles)], dtype=float) * span
@@ -276,7 +277,7 @@ def case_labelled(names: list[str], args: argparse.Namespace, work: Path, graphs
 
 
 def case_scale(args: argparse.Namespace, work: Path) -> None:
-    for kind in ("visium", "stereo"):
+    for kind in args.kinds.split(","):
         for n in [int(v) for v in args.sizes.split(",")]:
             adata = _tile(n, kind)
             path = work / f"{kind}_{n}.h5ad"
@@ -327,6 +328,7 @@ def main() -> None:
     ap.add_argument("--graphst-max-n", type=int, default=10_000)
     ap.add_argument("--slices", default="151673,151674", help="DLPFC slices of the dlpfc case")
     ap.add_argument("--sizes", default="10000,50000,200000")
+    ap.add_argument("--kinds", default="visium,stereo", help="synthetic tissues of the scale case")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="folder for inputs (default: a temp folder)")
     args = ap.parse_args()
