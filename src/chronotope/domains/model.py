@@ -527,6 +527,12 @@ class DomainModel:
         return model
 
 
+def _on_columns(rows: sp.csr_matrix, nodes: np.ndarray) -> sp.csr_matrix:
+    """``rows`` restricted to the sorted column ids ``nodes`` (which hold all its columns)."""
+    cols = np.searchsorted(nodes, rows.indices)
+    return sp.csr_matrix((rows.data, cols, rows.indptr), shape=(rows.shape[0], len(nodes)))
+
+
 @dataclass
 class _Batch:
     """Rows of a mini-batch and the sub-graphs they need (local column indices)."""
@@ -550,14 +556,7 @@ class _Batch:
         idx = np.sort(idx)
         s_rows, m_rows = sym[idx], mean[idx]
         nodes = np.union1d(idx, np.union1d(s_rows.indices, m_rows.indices))
-        s_rows = sp.csr_matrix(
-            (s_rows.data, np.searchsorted(nodes, s_rows.indices), s_rows.indptr),
-            shape=(len(idx), len(nodes)),
-        )
-        m_rows = sp.csr_matrix(
-            (m_rows.data, np.searchsorted(nodes, m_rows.indices), m_rows.indptr),
-            shape=(len(idx), len(nodes)),
-        )
+        s_rows, m_rows = (_on_columns(rows, nodes) for rows in (s_rows, m_rows))
         t = torch.from_numpy
         return cls(
             t(nodes).to(device),

@@ -53,12 +53,13 @@ def _check_input(
     x = adata.X if layer is None else adata.layers[layer]
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     check_counts(x, where)
-    total = float(x.sum())
-    if total == 0:
+    # counts are non-negative (checked above): a gene is expressed iff its sum is > 0;
+    # no boolean copy of the matrix.
+    n_expressed = int((np.asarray(x.sum(axis=0)).ravel() > 0).sum())
+    if n_expressed == 0:
         raise ChronotopeInputError(f"{where} is all zero: every gene has zero counts")
-    per_gene = np.asarray((x != 0).sum(axis=0)).ravel()
-    if (per_gene > 0).sum() < n_domains:
-        raise ChronotopeInputError(f"only {(per_gene > 0).sum()} genes are expressed in {where}")
+    if n_expressed < n_domains:
+        raise ChronotopeInputError(f"only {n_expressed} genes are expressed in {where}")
 
 
 def _preprocess_selected(
