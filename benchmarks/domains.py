@@ -110,8 +110,13 @@ def _tile(n: int, kind: str, seed: int = 0):
     return out
 
 
-def _graphst_input(adata, path: Path) -> None:
-    """Write GraphST's features: chronotope's preprocessing, scaled genes clipped at 10."""
+def _graphst_input(adata, path: Path) -> str:
+    """Write GraphST's features: chronotope's preprocessing, scaled genes clipped at 10.
+
+    Returns a digest of the features and coordinates (the key of ``--graphst-cache``).
+    """
+    import hashlib
+
     from anndata import AnnData
 
     import chronotope as ct
@@ -122,6 +127,9 @@ def _graphst_input(adata, path: Path) -> None:
     out = AnnData(np.asarray(a.obsm["scaled"], dtype=np.float32))
     out.obsm["spatial"] = np.asarray(a.obsm["spatial"], dtype=float)
     out.write_h5ad(path)
+    digest = hashlib.sha1(np.ascontiguousarray(out.X).tobytes())
+    digest.update(np.ascontiguousarray(out.obsm["spatial"]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -199,9 +207,23 @@ def graphst_import_rss(py: str) -> float:
 
 
 def run_graphst(
-    py: str, path: Path, seed: int, threads: int, epochs: int | None, work: Path
+    py: str,
+    path: Path,
+    seed: int,
+    threads: int,
+    epochs: int | None,
+    work: Path,
+    cache: Path | None = None,
+    key: str = "",
 ) -> dict[str, Any]:
+    """Run GraphST in its own process; reuse ``cache/graphst_{key}_{seed}_{epochs}.*`` if there."""
     out = work / f"graphst_{path.stem}_{seed}.npz"
+    stored = cache / f"graphst_{key}_{seed}_{epochs or 'default'}" if cache and key else None
+    if stored is not None and stored.with_suffix(".json").exists():
+        res = json.loads(stored.with_suffix(".json").read_text())
+        res["embedding"] = np.load(stored.with_suffix(".npz"))["embedding"]
+        res["cached"] = True
+        return res
     cmd = [py, str(GRAPHST_PEER), "--input", str(path), "--output", str(out)]
     cmd += ["--seed", str(seed), "--device", "cpu", "--threads", str(threads)]
     if epochs is not None:
@@ -223,6 +245,11 @@ def run_graphst(
     res["train_seconds"] = float(npz["train_seconds"])
     res["wall_s"] = float(res.get("wall_seconds", wall))
     res["peak_rss_gb"] = res["peak_rss_bytes"] / 2**30
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(stored.with_suffix(".npz"), embedding=res["embedding"])
+        meta = {k: v for k, v in res.items() if k != "embedding"}
+        stored.with_suffix(".json").write_text(json.dumps(meta))
     return res
 
 
@@ -236,10 +263,12 @@ def _summary(name: str, tool: str, runs: list[dict[str, Any]]) -> str:
     wall = np.mean([r["wall_s"] for r in ok])
     cpu = np.mean([r.get("cpu_s", np.nan) for r in ok])
     rss = max(r["peak_rss_gb"] for r in ok)
+    n_cached = sum(bool(r.get("cached")) for r in ok)
     return (
         f"{name:8s} {tool:10s} ARI {ari.mean():.3f} ± {ari.std(ddof=1) if len(ari) > 1 else 0:.3f}"
         f"  NMI {nmi.mean():.3f} ± {nmi.std(ddof=1) if len(nmi) > 1 else 0:.3f}"
         f"  (n={len(ok)})  wall {wall:7.1f} s  cpu {cpu:7.1f} s  peak RSS {rss:.2f} GB"
+        + (f"  ({n_cached} of {len(ok)} from --graphst-cache)" if n_cached else "")
     )
 
 
@@ -257,15 +286,17 @@ def case_labelled(names: list[str], args: argparse.Namespace, work: Path, graphs
         if not graphst:
             continue
         feats = work / f"{name}_graphst.h5ad"
-        _graphst_input(adata, feats)
+        key = _graphst_input(adata, feats)
         peers = []
         for s in range(args.graphst_seeds):
-            r = run_graphst(args.graphst_python, feats, s, args.threads, None, work)
+            r = run_graphst(
+                args.graphst_python, feats, s, args.threads, None, work, args.graphst_cache, key
+            )
             if "error" not in r:
                 r.update(_scores(truth, _cluster(r.pop("embedding"), coords, k, s)))
                 r["cpu_s"] = r.get("cpu_s", np.nan)
             peers.append(r)
-            shown = {k_: r.get(k_) for k_ in ("ari", "nmi", "wall_s", "error")}
+            shown = {k_: r.get(k_) for k_ in ("ari", "nmi", "wall_s", "cached", "error")}
             print(f"    graphst seed {s}: {json.dumps(shown)}", flush=True)
         print(_summary(name, "graphst", peers), flush=True)
         if peers and "error" not in peers[0]:
@@ -331,6 +362,14 @@ def main() -> None:
     ap.add_argument("--kinds", default="visium,stereo", help="synthetic tissues of the scale case")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="folder for inputs (default: a temp folder)")
+    ap.add_argument(
+        "--graphst-cache",
+        type=Path,
+        default=None,
+        help="folder keeping GraphST embeddings by (features digest, seed, epochs); runs "
+        "found there are reused and marked cached (GraphST takes about 50 min per DLPFC "
+        "slice and seed on 2 CPU cores)",
+    )
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
