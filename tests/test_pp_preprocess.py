@@ -262,6 +262,23 @@ def test_hvg_seurat_v3_statistics():
     np.testing.assert_array_equal(np.flatnonzero(adata.var["highly_variable"]), np.sort(order))
 
 
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_hvg_in_spans_same_and_float64_input_untouched(fmt, monkeypatch):
+    """Stored values are processed in spans; float64 input is never modified in place."""
+    import chronotope.pp._preprocess as impl
+
+    adata, _ = _adata(fmt)
+    adata.X = adata.X.astype(np.float64)
+    before = adata.X.copy()
+    whole = pp.highly_variable_genes(adata, n_top_genes=20, copy=True)
+    monkeypatch.setattr(impl, "_ENTRY_CHUNK", 97)  # spans cut through rows and columns
+    pieces = pp.highly_variable_genes(adata, n_top_genes=20, copy=True)
+    np.testing.assert_array_equal((adata.X != before).nnz, 0)
+    for col in ("means", "variances", "variances_norm"):
+        np.testing.assert_allclose(pieces.var[col], whole.var[col], rtol=1e-12)
+    np.testing.assert_array_equal(pieces.var["highly_variable"], whole.var["highly_variable"])
+
+
 def test_hvg_seurat_flavor_finds_overdispersed_genes():
     adata, planted = _adata("csr")
     pp.normalize_total(adata)

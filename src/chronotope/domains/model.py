@@ -133,7 +133,8 @@ class _Network(nn.Module):
 
     def encode(self, stack: torch.Tensor, loadings: torch.Tensor) -> torch.Tensor:
         """``h = (sum_k w_k S_k) V^T diag(g) W`` for a ``(K+1, n, p)`` stack."""
-        mixed = torch.einsum("k,knp->np", self.hop_weights(), stack)
+        # tensordot: one (K+1) x (n p) product, no (K+1, n, p) temporary
+        mixed = torch.tensordot(self.hop_weights(), stack, dims=1)
         return mixed @ (loadings.T @ (self.gate()[:, None] * self.gene_directions()))
 
     def gene_directions(self) -> torch.Tensor:

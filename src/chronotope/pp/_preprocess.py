@@ -39,6 +39,8 @@ _MAKERS = {
     "normalized": "chronotope.pp.normalize_total",
     "log1p": "chronotope.pp.log1p",
 }
+# Stored values per span when sparse values are processed piecewise.
+_ENTRY_CHUNK = 1 << 20
 # Rows per block when a dense matrix is processed piecewise (bounds float64 temporaries).
 _ROW_CHUNK = 4096
 
@@ -92,7 +94,13 @@ def _is_integer_valued(x: Matrix) -> bool:
     vals = np.asarray(x.data) if sp.issparse(x) else np.asarray(x)
     if vals.dtype.kind in "iub":
         return True
-    return bool(np.all(np.equal(np.mod(vals, 1), 0)))
+    flat = vals.reshape(-1)
+    return all(bool(np.all(np.equal(np.mod(flat[lo:hi], 1), 0))) for lo, hi in _spans(flat.size))
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of at most ``_ENTRY_CHUNK`` covering ``range(n)``."""
+    return [(lo, min(lo + _ENTRY_CHUNK, n)) for lo in range(0, n, _ENTRY_CHUNK)]
 
 
 def _canonical_sparse(x: Matrix) -> Matrix:
@@ -103,13 +111,6 @@ def _canonical_sparse(x: Matrix) -> Matrix:
         x = x.copy()
         x.sum_duplicates()
     return x
-
-
-def _column_of_entries(x: Matrix) -> np.ndarray:
-    """Column index of each stored value of a canonical CSR/CSC matrix."""
-    if x.format == "csr":
-        return x.indices
-    return np.repeat(np.arange(x.shape[1]), np.diff(x.indptr))
 
 
 def _row_of_entries(x: Matrix) -> np.ndarray:
@@ -133,14 +134,22 @@ def _column_sums(
     n_vars = x.shape[1]
     if sp.issparse(x):
         x = _canonical_sparse(x)
-        vals = np.asarray(x.data, dtype=np.float64)
-        if transform is not None:
-            vals = transform(vals)
-        cols = _column_of_entries(x)
-        if clip is not None:
-            vals = np.minimum(vals, clip[cols])
-        s1 = np.bincount(cols, weights=vals, minlength=n_vars)
-        s2 = np.bincount(cols, weights=vals * vals, minlength=n_vars)
+        s1 = np.zeros(n_vars)
+        s2 = np.zeros(n_vars)
+        # stored values in spans, so that float64 temporaries stay small
+        for lo, hi in _spans(x.nnz):
+            vals = x.data[lo:hi].astype(np.float64)  # a copy: modified in place below
+            if transform is not None:
+                vals = transform(vals)
+            if x.format == "csr":
+                cols = x.indices[lo:hi]
+            else:
+                cols = np.searchsorted(x.indptr, np.arange(lo, hi), side="right") - 1
+            if clip is not None:
+                np.minimum(vals, clip[cols], out=vals)
+            s1 += np.bincount(cols, weights=vals, minlength=n_vars)
+            np.square(vals, out=vals)
+            s2 += np.bincount(cols, weights=vals, minlength=n_vars)
         return s1, s2
     s1 = np.zeros(n_vars)
     s2 = np.zeros(n_vars)

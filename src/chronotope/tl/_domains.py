@@ -92,9 +92,18 @@ def _preprocess_selected(
     lib = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     factor = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
     if sp.issparse(counts):
-        sub = sp.csr_matrix(counts)[:, np.flatnonzero(genes)].astype(np.float32)
-        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
-        sub.data = np.log1p(sub.data * factor[rows]).astype(np.float32)
+        sub = sp.csr_matrix(counts)[:, np.flatnonzero(genes)]
+        fresh = sub.dtype != np.float32 or (
+            sp.issparse(counts) and np.shares_memory(sub.data, counts.data)
+        )
+        sub = sub.astype(np.float32, copy=fresh)  # never scale the caller's counts in place
+        # in place, one row span at a time (float64 products, stored as float32)
+        step = max(1, (1 << 20) // max(1, sub.shape[1]))
+        for lo in range(0, sub.shape[0], step):
+            a, b = sub.indptr[lo], sub.indptr[min(lo + step, sub.shape[0])]
+            per_row = np.diff(sub.indptr[lo : min(lo + step, sub.shape[0]) + 1])
+            vals = sub.data[a:b] * np.repeat(factor[lo : lo + step], per_row)
+            sub.data[a:b] = np.log1p(vals)
     else:
         sub = np.asarray(counts, dtype=np.float64)[:, genes] * factor[:, None]
         sub = np.log1p(sub).astype(np.float32)
