@@ -284,6 +284,76 @@ def domains(
         )
 
 
+@app.command()
+def align(
+    a: Annotated[Path, typer.Argument(help="Reference slice .h5ad: counts, obsm['spatial'].")],
+    b: Annotated[Path, typer.Argument(help="Moving slice .h5ad (genes matched by name).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Plan .npz (scipy sparse; rows = A, cols = B).")
+    ],
+    aligned_out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for both slices with obsm['spatial_aligned'] (A.h5ad, B.h5ad)."),
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of spatial structure vs expression.")] = 0.1,
+    mass: Annotated[
+        float | None, typer.Option(help="Partial alignment: expected overlap fraction.")
+    ] = None,
+    allow_reflection: Annotated[bool, typer.Option(help="Allow a mirrored slice.")] = False,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
+    figures: Annotated[Path | None, typer.Option(help="Folder for alignment.png.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed (PCA, spatial patches).")] = 0,
+) -> None:
+    """Align slice B onto slice A; writes the spot-to-spot plan as a sparse .npz."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    import chronotope as ct
+
+    if out.suffix != ".npz":
+        raise _CommandError(f"output {str(out)!r} must end in .npz")
+    ref, mov = read_input(a), read_input(b)
+    (plan,) = ct.tl.align_slices(
+        [ref, mov],
+        spatial_key=spatial_key,
+        alpha=alpha,
+        mass=mass,
+        allow_reflection=allow_reflection,
+        seed=seed,
+        device=device,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npz")
+    try:
+        sp.save_npz(tmp, sp.csr_matrix(plan), compressed=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if aligned_out is not None:
+        write_output(ref, aligned_out / f"{a.stem}.h5ad")
+        write_output(mov, aligned_out / f"{b.stem}.h5ad")
+    if figures is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figures.mkdir(parents=True, exist_ok=True)
+        ct.pl.alignment(ref, mov, plan, spatial_key=spatial_key).savefig(
+            figures / "alignment.png", dpi=120
+        )
+    if _state["verbosity"] >= 0:
+        t = mov.uns["alignment"]["transform"]
+        rot = np.asarray(t["rotation"])
+        turn = ""
+        if rot.shape == (2, 2):
+            angle = float(np.degrees(np.arctan2(rot[1, 0], rot[0, 0])))
+            turn = f"; B rotated {angle:.1f} deg" + (" (mirrored)" if t["reflected"] else "")
+        typer.echo(
+            f"wrote {out}: plan {plan.shape[0]} x {plan.shape[1]}, {plan.nnz} entries, "
+            f"mass {plan.sum():.3f}{turn}"
+        )
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:

@@ -1,10 +1,12 @@
 """Tools on AnnData: functions that read inputs by key and write results to fixed slots.
 
 - :func:`spatial_domains` -- graph contrastive encoder + clustering into spatial domains.
+- :func:`align_slices` -- slices into one frame (FGW on patches, rigid transform, sparse plans).
 """
 
 from __future__ import annotations
 
 from chronotope.tl._domains import spatial_domains
+from chronotope.tl._slices import align_slices
 
-__all__ = ["spatial_domains"]
+__all__ = ["align_slices", "spatial_domains"]

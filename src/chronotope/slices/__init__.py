@@ -1,0 +1,21 @@
+"""Slices: alignment of serial or cross-platform sections (arrays in, arrays out).
+
+- :func:`align_pair` -- FGW (direct or coarse to fine) plan, rigid transform, sparse plan.
+- :func:`fit_rigid` -- rotation / translation (/ scale) fitted to a plan.
+- :func:`shared_features` -- joint PCA of slices over their shared genes.
+"""
+
+from __future__ import annotations
+
+from chronotope.slices.align import PairAlignment, align_pair
+from chronotope.slices.features import shared_features, shared_genes
+from chronotope.slices.rigid import RigidTransform, fit_rigid
+
+__all__ = [
+    "PairAlignment",
+    "RigidTransform",
+    "align_pair",
+    "fit_rigid",
+    "shared_features",
+    "shared_genes",
+]

@@ -1,0 +1,207 @@
+"""Slice alignment: rigid fit, pairwise FGW alignment, tl.align_slices, CLI align."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+import chronotope as ct
+from chronotope._errors import ChronotopeInputError
+from chronotope.slices import align_pair, fit_rigid, shared_features
+
+
+def _rot(deg: float) -> np.ndarray:
+    t = np.radians(deg)
+    return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+
+def _tissue(n_side: int = 30, n_genes: int = 80, seed: int = 0):
+    """Grid spots whose expression follows 8 spatial bumps (10 genes each) + background."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(n_side, dtype=float)
+    xy = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    centres = rng.uniform(0, n_side, size=(8, 2))
+    bumps = np.exp(-((xy[:, None] - centres[None]) ** 2).sum(-1) / (2 * (n_side / 6) ** 2))
+    rate = 0.5 + 20 * np.repeat(bumps, 10, axis=1)[:, :n_genes]
+    return xy, rate
+
+
+def _slice(xy: np.ndarray, rate: np.ndarray, seed: int) -> AnnData:
+    rng = np.random.default_rng(seed)
+    a = AnnData(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
+    a.var_names = [f"g{i}" for i in range(rate.shape[1])]
+    a.obsm["spatial"] = xy
+    return a
+
+
+def _pair(angle: float = 30.0, crop: float = 0.8, mirror: bool = False):
+    xy, rate = _tissue()
+    ref = _slice(xy, rate, 1)
+    keep = (xy[:, 0] < crop * xy[:, 0].max() + 1e-9) if crop < 1 else np.ones(len(xy), bool)
+    rng = np.random.default_rng(2)
+    true_r, true_t = _rot(angle), np.array([50.0, -20.0])
+    moved = xy[keep] @ (np.diag([1, -1]) if mirror else np.eye(2)).T
+    moved = moved @ true_r.T + true_t + rng.normal(0, 0.1, size=(keep.sum(), 2))
+    mov = _slice(moved, rate[keep], 3)
+    return ref, mov, xy[keep]
+
+
+# ---- fit_rigid -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("angle", [0.0, 37.0, -120.0, 179.0])
+def test_fit_rigid_recovers_known_transform(angle):
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(50, 2)) * 10
+    r, t = _rot(angle), np.array([3.0, -4.0])
+    x = (y - t) @ r  # y = R x + t
+    tr = fit_rigid(y, x, sp.identity(50, format="csr"))
+    np.testing.assert_allclose(tr.apply(x), y, atol=1e-8)
+    assert abs((tr.angle_degrees - angle + 180) % 360 - 180) < 1e-6
+    assert not tr.reflected and tr.residual < 1e-12
+    assert tr.residual_reflected > 1.0
+
+
+def test_fit_rigid_reflection_and_scale():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(40, 2))
+    x = y @ np.diag([1.0, -1.0]) * 0.5  # mirrored and shrunk
+    plan = np.eye(40)
+    proper = fit_rigid(y, x, plan, scaling=True)
+    assert not proper.reflected and proper.residual > 0.1
+    assert proper.residual_reflected < 1e-12
+    mirrored = fit_rigid(y, x, plan, scaling=True, allow_reflection=True)
+    assert mirrored.reflected and abs(mirrored.scale - 2.0) < 1e-9
+    np.testing.assert_allclose(mirrored.apply(x), y, atol=1e-9)
+
+
+def test_fit_rigid_compose():
+    a = ct.slices.RigidTransform(_rot(20), np.array([1.0, 2.0]), scale=2.0)
+    b = ct.slices.RigidTransform(_rot(-50), np.array([-3.0, 0.5]))
+    x = np.random.default_rng(0).normal(size=(5, 2))
+    np.testing.assert_allclose(a.compose(b).apply(x), b.apply(a.apply(x)), atol=1e-12)
+
+
+def test_fit_rigid_errors():
+    with pytest.raises(ChronotopeInputError, match="no mass"):
+        fit_rigid(np.zeros((3, 2)), np.zeros((3, 2)), sp.csr_matrix((3, 3)))
+    with pytest.raises(ChronotopeInputError, match="shape"):
+        fit_rigid(np.zeros((3, 2)), np.zeros((4, 2)), np.eye(3))
+
+
+# ---- align_pair / align_slices ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_patches", [1000, 200])  # spot by spot, and through patches
+def test_align_pair_recovers_rotation(n_patches):
+    ref, mov, truth = _pair(angle=30.0, crop=1.0)
+    fa, fb = shared_features([ref, mov], n_comps=10)
+    res = align_pair(fa, ref.obsm["spatial"], fb, mov.obsm["spatial"], n_patches=n_patches)
+    assert abs(res.transform.angle_degrees - (-30.0)) < 1.0  # maps moving back
+    rmse = np.sqrt(((res.aligned - truth) ** 2).sum(1).mean())
+    assert rmse < 0.5  # in spot spacings (grid pitch 1)
+    assert res.plan.shape == (ref.n_obs, mov.n_obs)
+    assert 0.9 < res.plan.sum() <= 1.0 + 1e-6
+    # the plan pairs each moved spot with the reference spot it came from (or a neighbour)
+    best = np.asarray(res.plan.argmax(axis=0)).ravel()
+    dist = np.linalg.norm(ref.obsm["spatial"][best] - truth, axis=1)
+    assert np.median(dist) <= 1.0
+    assert res.info["path"] == ("spots" if n_patches >= ref.n_obs else "patches")
+
+
+def test_align_pair_partial_overlap():
+    """A slice cropped to 80 %: partial transport keeps the rotation and most of the shift."""
+    ref, mov, truth = _pair(angle=30.0, crop=0.8)
+    fa, fb = shared_features([ref, mov], n_comps=10)
+    res = align_pair(fa, ref.obsm["spatial"], fb, mov.obsm["spatial"], mass=0.8)
+    assert abs(res.transform.angle_degrees - (-30.0)) < 1.0
+    # balanced transport centres the crop (about 3 spacings off); partial is closer
+    assert np.sqrt(((res.aligned - truth) ** 2).sum(1).mean()) < 1.5
+    assert res.plan.sum() < 0.9
+
+
+def test_align_slices_list_roundtrip(tmp_path):
+    ref, mov, truth = _pair(angle=-15.0, crop=1.0)
+    x_before = mov.X.copy()
+    (plan,) = ct.tl.align_slices([ref, mov], n_comps=10)
+    np.testing.assert_allclose(ref.obsm["spatial_aligned"], ref.obsm["spatial"])
+    assert np.sqrt(((mov.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) < 0.5
+    assert (mov.X != x_before).nnz == 0
+    mov.write_h5ad(tmp_path / "m.h5ad")
+    back = ct.io.read_h5ad(tmp_path / "m.h5ad")
+    stored = back.uns["alignment"]["plan"]
+    assert sp.issparse(stored) and (stored != plan).nnz == 0
+    assert back.uns["alignment"]["partner"] == 0
+
+
+def test_align_slices_mirrored_needs_permission():
+    ref, mov, truth = _pair(angle=10.0, crop=1.0, mirror=True)
+    ct.tl.align_slices([ref, mov], n_comps=10, allow_reflection=True)
+    assert bool(mov.uns["alignment"]["transform"]["reflected"])
+    assert np.sqrt(((mov.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) < 0.5
+
+
+def test_align_slices_batch_key_and_policies():
+    xy, rate = _tissue()
+    slices = [_slice(xy @ _rot(a).T + 5 * i, rate, 10 + i) for i, a in enumerate((0, 20, 40))]
+    joint = ct.io.concat_slices(slices) if hasattr(ct.io, "concat_slices") else None
+    if joint is None:
+        import anndata as ad
+
+        joint = ad.concat(slices, label="section", keys=["s0", "s1", "s2"], index_unique="-")
+    for policy in ("sequential", "star"):
+        ct.tl.align_slices(joint, batch_key="section", policy=policy, n_comps=10)
+        al = joint.obsm["spatial_aligned"]
+        for k in range(3):
+            rows = np.flatnonzero(joint.obs["section"].to_numpy() == f"s{k}")
+            assert np.sqrt(((al[rows] - xy) ** 2).sum(1).mean()) < 0.5, (policy, k)
+        plan = joint.obsp["alignment_plan"]
+        assert plan.shape == (joint.n_obs, joint.n_obs) and plan.nnz > 0
+        assert set(joint.uns["alignment"]["transforms"]) == {"s0", "s1", "s2"}
+
+
+def test_align_slices_bad_input():
+    ref, mov, _ = _pair()
+    with pytest.raises(ChronotopeInputError, match="policy"):
+        ct.tl.align_slices([ref, mov], policy="chain")
+    other = mov.copy()
+    other.var_names = [f"x{i}" for i in range(other.n_vars)]
+    with pytest.raises(ChronotopeInputError, match="share 0 gene"):
+        ct.tl.align_slices([ref, other])
+    missing = mov.copy()
+    del missing.obsm["spatial"]
+    with pytest.raises(ChronotopeInputError, match="spatial"):
+        ct.tl.align_slices([ref, missing])
+    bad = mov.copy()
+    bad.X.data[0] = -1
+    with pytest.raises(ChronotopeInputError, match="negative"):
+        ct.tl.align_slices([ref, bad])
+    with pytest.raises(ChronotopeInputError, match="two slices"):
+        ct.tl.align_slices([ref])
+
+
+def test_cli_align(tmp_path):
+    from chronotope.cli import main
+
+    ref, mov, truth = _pair(angle=25.0, crop=1.0)
+    ref.write_h5ad(tmp_path / "a.h5ad")
+    mov.write_h5ad(tmp_path / "b.h5ad")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "align",
+                str(tmp_path / "a.h5ad"),
+                str(tmp_path / "b.h5ad"),
+                "-o",
+                str(tmp_path / "plan.npz"),
+                "--aligned-out",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    plan = sp.load_npz(tmp_path / "plan.npz")
+    assert plan.shape == (ref.n_obs, mov.n_obs)
+    back = ct.io.read_h5ad(tmp_path / "out" / "b.h5ad")
+    assert np.sqrt(((back.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) < 0.5
