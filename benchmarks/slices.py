@@ -1,0 +1,339 @@
+"""Slices: alignment accuracy, known-truth recovery, scale; chronotope vs PASTE, PASTE2, moscot.
+
+Cases
+-----
+dlpfc
+    DLPFC 151673 -> 151674 (adjacent sections, one donor). PASTE's accuracy: the plan
+    mass between spots of the same manual layer, over pairs where both spots are
+    labelled, divided by the plan mass over those pairs (the plan normalised to 1; the
+    kept mass is printed too). chronotope (``tl.align_slices`` defaults), PASTE
+    (paste-bio 1.4.0 ``pairwise_align``), PASTE2 (``partial_pairwise_align``, s = 0.99,
+    ``dissimilarity="pca"``) and moscot (``AlignmentProblem``): wall time of the
+    alignment call, peak RSS of the process, ratios against chronotope.
+known
+    151673 against a copy of itself rotated by 35 degrees, translated, cropped to the 70 %
+    of spots on one side of a line, with counts thinned to 70 % (binomial) and
+    coordinates jittered by 0.1 spot spacing. chronotope partial (``mass=0.7``, told the
+    overlap as PASTE2 is) and unbalanced (``tau=0.5``, not told) vs PASTE2 (``s=0.7``).
+    The transform of each plan is fitted the same way (weighted Kabsch,
+    :func:`chronotope.slices.fit_rigid`, which is PASTE's ``generalized_procrustes``):
+    rotation error in degrees and RMSE of the aligned coordinates in spot spacings.
+scale
+    Two synthetic slices of 5k / 20k / 50k spots (151673 and 151674 tiled side by side):
+    chronotope wall time and peak RSS (PASTE at 5k for comparison).
+
+Each tool runs in a fresh process (peak RSS = ``VmHWM`` of that process); one thread
+each (``--threads``). Peers run in their own environments (``benchmarks/_slices_peers.py``
+describes the installs); a missing environment skips that peer with a message.
+
+Usage::
+
+    python benchmarks/slices.py                         # all cases
+    python benchmarks/slices.py --cases dlpfc --peers paste,paste2,moscot
+    python benchmarks/slices.py --cases scale --sizes 5000,20000,50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, peak_rss_bytes, run_child
+
+HERE = Path(__file__).resolve()
+PEER_SCRIPT = HERE.parent / "_slices_peers.py"
+PEER_PYTHON = {
+    "paste": "/work/peers/paste/bin/python",
+    "paste2": "/work/peers/paste2/bin/python",
+    "moscot": "/work/peers/moscot/bin/python",
+}
+
+
+# ----------------------------------------------------------------------------- data
+def _base(name: str):
+    """A DLPFC slice: counts, coordinates, layer labels only."""
+    import scipy.sparse as sp
+    from anndata import AnnData
+
+    import chronotope as ct
+
+    a = ct.datasets.dlpfc(name, load_image=False)
+    out = AnnData(sp.csr_matrix(a.X, dtype=np.float32), var=a.var[[]].copy())
+    out.obs_names = a.obs_names
+    out.obs["layer"] = a.obs["layer"].astype(str).to_numpy()
+    out.obsm["spatial"] = np.asarray(a.obsm["spatial"], dtype=float)
+    return out
+
+
+def _spacing(xy: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    return float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+
+
+def _shared(a, b):
+    genes = a.var_names[a.var_names.isin(b.var_names)]
+    return a[:, genes].copy(), b[:, genes].copy()
+
+
+def _known_pair(angle: float = 35.0, keep: float = 0.7, seed: int = 0):
+    """Reference 151673 and its transformed, cropped, thinned copy (truth coordinates)."""
+    import scipy.sparse as sp
+
+    ref = _base("151673")
+    rng = np.random.default_rng(seed)
+    xy = ref.obsm["spatial"]
+    direction = np.array([np.cos(0.3), np.sin(0.3)])
+    proj = (xy - xy.mean(0)) @ direction
+    kept = proj <= np.quantile(proj, keep)
+    mov = ref[kept].copy()
+    x = sp.csr_matrix(mov.X).astype(np.int64)
+    x.data = rng.binomial(x.data, 0.7)
+    x.eliminate_zeros()
+    mov.X = x.astype(np.float32)
+    t = np.radians(angle)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    truth = xy[kept]
+    jitter = rng.normal(0, 0.1 * _spacing(xy), size=truth.shape)
+    mov.obsm["spatial"] = (truth - truth.mean(0)) @ rot.T + np.array([800.0, -500.0]) + jitter
+    mov.obs_names = [f"{n}-moved" for n in mov.obs_names]
+    return ref, mov, truth
+
+
+def _tile(a, n: int):
+    """``a`` tiled side by side until ``n`` spots (copies shifted by the slice's span)."""
+    import anndata as ad
+
+    xy = a.obsm["spatial"]
+    span = xy.max(0) - xy.min(0) + 5 * _spacing(xy)
+    n_tiles = int(np.ceil(n / a.n_obs))
+    cols = int(np.ceil(np.sqrt(n_tiles)))
+    parts = []
+    for i in range(n_tiles):
+        c = a.copy()
+        c.obsm["spatial"] = xy + np.array([i % cols, i // cols]) * span
+        c.obs_names = [f"{s}-{i}" for s in a.obs_names]
+        parts.append(c)
+    out = ad.concat(parts, merge="same")
+    return out[:n].copy()
+
+
+# ----------------------------------------------------------------------------- metrics
+def layer_accuracy(plan, la: np.ndarray, lb: np.ndarray) -> tuple[float, float]:
+    """PASTE's accuracy over labelled pairs (plan normalised), and the total plan mass."""
+    import scipy.sparse as sp
+
+    p = sp.coo_matrix(plan)
+    ok = (la[p.row] != "nan") & (lb[p.col] != "nan")
+    w = p.data[ok]
+    same = la[p.row][ok] == lb[p.col][ok]
+    return float(w[same].sum() / w.sum()), float(p.data.sum())
+
+
+def transform_errors(plan, ref_xy, mov_xy, truth, angle: float) -> tuple[float, float]:
+    """Rotation error (degrees) and RMSE (spot spacings) of the plan's fitted transform."""
+    from chronotope.slices import fit_rigid
+
+    tr = fit_rigid(ref_xy, mov_xy, plan)
+    err = abs((tr.angle_degrees + angle + 180.0) % 360.0 - 180.0)  # moving was rotated +angle
+    rmse = float(np.sqrt(((tr.apply(mov_xy) - truth) ** 2).sum(axis=1).mean()))
+    return err, rmse / _spacing(ref_xy)
+
+
+# ----------------------------------------------------------------------------- children
+def child(spec: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import scipy.sparse as sp
+
+    import chronotope as ct
+
+    a = ct.io.read_h5ad(spec["a"])
+    b = ct.io.read_h5ad(spec["b"])
+    t0 = time.perf_counter()
+    (plan,) = ct.tl.align_slices([a, b], mass=spec["mass"], tau=spec["tau"], seed=0)
+    wall = time.perf_counter() - t0
+    sp.save_npz(spec["plan"], sp.csr_matrix(plan))
+    emit(
+        {
+            "wall_s": wall,
+            "peak_rss_gb": peak_rss_bytes() / 2**30,
+            "info": {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in b.uns["alignment"]["info"].items()
+                if k != "seconds"
+            },
+            "seconds": b.uns["alignment"]["info"]["seconds"],
+        }
+    )
+
+
+def run_chronotope(
+    a: Path, b: Path, out: Path, threads: int, mass: float | None = None, tau: float = 1.0
+):
+    spec = {"a": str(a), "b": str(b), "plan": str(out), "threads": threads}
+    spec.update(mass=mass, tau=tau)
+    res = run_child(HERE, spec, timeout=3600)
+    if "error" not in res:
+        import scipy.sparse as sp
+
+        res["plan"] = sp.load_npz(out)
+    return res
+
+
+def run_peer(tool: str, a: Path, b: Path, out: Path, threads: int, extra: list[str]):
+    py = PEER_PYTHON[tool]
+    if not Path(py).exists():
+        return {"error": f"{tool} environment {py} not found"}
+    cmd = [py, str(PEER_SCRIPT), "--tool", tool, "--a", str(a), "--b", str(b)]
+    cmd += ["--output", str(out), "--threads", str(threads), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    env["MKL_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    res: dict[str, Any] = {}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT ") :])
+            break
+    if not res or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+    res["plan"] = np.load(out)["plan"]
+    res["wall_s"] = float(res.get("wall_seconds", time.perf_counter() - t0))
+    res["peak_rss_gb"] = float(res["peak_rss_bytes"]) / 2**30
+    return res
+
+
+# ----------------------------------------------------------------------------- cases
+def _line(case: str, tool: str, res: dict[str, Any], extra: str) -> str:
+    if "error" in res:
+        return f"{case:6s} {tool:10s} failed: {res['error']}"
+    return (
+        f"{case:6s} {tool:10s} {extra}  wall {res['wall_s']:8.1f} s  "
+        f"peak RSS {res['peak_rss_gb']:.2f} GB"
+    )
+
+
+def case_dlpfc(args: argparse.Namespace, work: Path) -> None:
+    a, b = _shared(_base("151673"), _base("151674"))
+    pa, pb = work / "151673.h5ad", work / "151674.h5ad"
+    a.write_h5ad(pa)
+    b.write_h5ad(pb)
+    la, lb = a.obs["layer"].to_numpy(), b.obs["layer"].to_numpy()
+    ours = run_chronotope(pa, pb, work / "plan_chronotope.npz", args.threads)
+    if "error" not in ours:
+        acc, mass = layer_accuracy(ours["plan"], la, lb)
+        extra = f"accuracy {acc:.3f} (plan mass {mass:.3f})"
+    print(_line("dlpfc", "chronotope", ours, extra if "error" not in ours else ""), flush=True)
+    for tool in args.peers:
+        extra_args = {"paste2": ["--s", "0.99"]}.get(tool, [])
+        res = run_peer(tool, pa, pb, work / f"plan_{tool}.npz", args.threads, extra_args)
+        if "error" in res:
+            print(_line("dlpfc", tool, res, ""), flush=True)
+            continue
+        acc_p, mass_p = layer_accuracy(res["plan"], la, lb)
+        print(
+            _line("dlpfc", tool, res, f"accuracy {acc_p:.3f} (plan mass {mass_p:.3f})"),
+            flush=True,
+        )
+        if "error" not in ours:
+            print(
+                f"dlpfc  chronotope/{tool}: accuracy {acc - acc_p:+.3f}, "
+                f"{res['wall_s'] / ours['wall_s']:.1f}x faster, "
+                f"{res['peak_rss_gb'] / ours['peak_rss_gb']:.1f}x less memory",
+                flush=True,
+            )
+
+
+def case_known(args: argparse.Namespace, work: Path) -> None:
+    angle = 35.0
+    ref, mov, truth = _known_pair(angle=angle)
+    ref, mov = _shared(ref, mov)
+    pa, pb = work / "known_ref.h5ad", work / "known_mov.h5ad"
+    ref.write_h5ad(pa)
+    mov.write_h5ad(pb)
+    rx, mx = ref.obsm["spatial"], mov.obsm["spatial"]
+    for label, kw in (("mass=0.7", {"mass": 0.7}), ("tau=0.5", {"tau": 0.5})):
+        ours = run_chronotope(pa, pb, work / "plan_known.npz", args.threads, **kw)
+        extra = ""
+        if "error" not in ours:
+            err, rmse = transform_errors(ours["plan"], rx, mx, truth, angle)
+            extra = f"rotation error {err:5.2f} deg  RMSE {rmse:5.2f} spacings  ({label})"
+        print(_line("known", "chronotope", ours, extra), flush=True)
+    if "paste2" in args.peers:
+        res = run_peer("paste2", pa, pb, work / "plan_known_paste2.npz", args.threads,
+                       ["--s", "0.7"])  # fmt: skip
+        if "error" in res:
+            print(_line("known", "paste2", res, ""), flush=True)
+            return
+        err_p, rmse_p = transform_errors(res["plan"], rx, mx, truth, angle)
+        print(
+            _line(
+                "known",
+                "paste2",
+                res,
+                f"rotation error {err_p:5.2f} deg  RMSE {rmse_p:5.2f} spacings",
+            ),
+            flush=True,
+        )
+
+
+def case_scale(args: argparse.Namespace, work: Path) -> None:
+    a, b = _shared(_base("151673"), _base("151674"))
+    for n in [int(v) for v in args.sizes.split(",")]:
+        ta, tb = _tile(a, n), _tile(b, n)
+        pa, pb = work / f"scale_a_{n}.h5ad", work / f"scale_b_{n}.h5ad"
+        ta.write_h5ad(pa)
+        tb.write_h5ad(pb)
+        ours = run_chronotope(pa, pb, work / f"plan_scale_{n}.npz", args.threads)
+        extra = ""
+        if "error" not in ours:
+            acc, _ = layer_accuracy(ours["plan"], ta.obs["layer"].to_numpy(),
+                                       tb.obs["layer"].to_numpy())  # fmt: skip
+            extra = f"n={n:6,d} accuracy {acc:.3f}"
+        print(_line("scale", "chronotope", ours, extra), flush=True)
+        if "paste" in args.peers and n <= args.peer_max_n:
+            res = run_peer("paste", pa, pb, work / f"plan_scale_paste_{n}.npz", args.threads, [])
+            print(_line("scale", "paste", res, f"n={n:6,d}"), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child")
+    ap.add_argument("--cases", default="dlpfc,known,scale")
+    ap.add_argument("--peers", default="paste,paste2,moscot")
+    ap.add_argument("--sizes", default="5000,20000,50000")
+    ap.add_argument("--peer-max-n", type=int, default=5000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default=None, help="folder for inputs (default: a temp folder)")
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    args.peers = [p for p in args.peers.split(",") if p]
+    work = Path(args.work or tempfile.mkdtemp(prefix="chronotope_slices_"))
+    work.mkdir(parents=True, exist_ok=True)
+    cases = args.cases.split(",")
+    print(f"threads per run: {args.threads}; peers: {', '.join(args.peers) or 'none'}", flush=True)
+    if "dlpfc" in cases:
+        case_dlpfc(args, work)
+    if "known" in cases:
+        case_known(args, work)
+    if "scale" in cases:
+        case_scale(args, work)
+
+
+if __name__ == "__main__":
+    main()
