@@ -354,6 +354,55 @@ def align(
         )
 
 
+@app.command()
+def interpolate(
+    a: Annotated[Path, typer.Argument(help="First slice .h5ad: counts, obsm['spatial'].")],
+    b: Annotated[Path, typer.Argument(help="Second slice .h5ad (genes matched by name).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Generated slice .h5ad.")],
+    t: Annotated[float, typer.Option("--t", help="Position in [0, 1]: 0 is A, 1 is B.")] = 0.5,
+    labels_key: Annotated[
+        str | None, typer.Option(help="obs column of labels to carry over.")
+    ] = None,
+    tau: Annotated[
+        float, typer.Option(help="Unbalancedness (< 1 when the tissue grows or shrinks).")
+    ] = 1.0,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
+    figures: Annotated[Path | None, typer.Option(help="Folder for interpolation.png.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed (PCA, spatial patches).")] = 0,
+) -> None:
+    """Generate the slice at --t between A and B (its own spots; log-normalised .X)."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    first, second = read_input(a), read_input(b)
+    gen = ct.tl.interpolate_slices(
+        first,
+        second,
+        t=t,
+        spatial_key=spatial_key,
+        labels_key=labels_key,
+        tau=tau,
+        seed=seed,
+        device=device,
+    )
+    write_output(gen, out)
+    if figures is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figures.mkdir(parents=True, exist_ok=True)
+        # both inputs in the generated slice's frame (copies: the inputs are not written)
+        first, second = first.copy(), second.copy()
+        ct.tl.align_slices([first, second], spatial_key=spatial_key, tau=tau, seed=seed)
+        ct.pl.interpolation(first, gen, second, spatial_key=spatial_key).savefig(
+            figures / "interpolation.png", dpi=120
+        )
+    if _state["verbosity"] >= 0:
+        typer.echo(f"wrote {out}: {gen.n_obs} generated spots x {gen.n_vars} genes at t={t:g}")
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:

@@ -13,7 +13,7 @@ from chronotope._errors import ChronotopeInputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["alignment"]
+__all__ = ["alignment", "interpolation"]
 
 
 def alignment(
@@ -80,6 +80,66 @@ def alignment(
         ax.add_collection(LineCollection(segs, colors="k", linewidths=0.6))
         ax.set_title(f"strongest partner of {len(rows)} reference spots")
     for ax in axes:
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def interpolation(
+    first: AnnData,
+    generated: AnnData,
+    second: AnnData,
+    *,
+    truth: AnnData | None = None,
+    spatial_key: str = "spatial",
+    color: str | None = None,
+) -> Figure:
+    """The two slices, the generated one between them (and the real one, when known).
+
+    Spots are coloured by ``color`` (a gene of all slices) or, by default, by the
+    first principal component of the shared genes' log-expression.
+    """
+    import matplotlib.pyplot as plt
+
+    from chronotope.tl._slices import _log_normalised
+
+    panels = [("first", first), ("generated", generated), ("second", second)]
+    if truth is not None:
+        panels.insert(2, ("real", truth))
+    genes = generated.var_names
+    for _, a in panels:
+        genes = genes[genes.isin(a.var_names)]
+    if color is not None and color not in genes:
+        raise ChronotopeInputError(f"gene {color!r} is not in every slice")
+
+    def values(name: str, a: AnnData) -> np.ndarray:
+        x = a[:, genes].X
+        e = np.asarray(x.toarray() if sp.issparse(x) else x) if name == "generated" else None
+        if e is None:
+            e = _log_normalised(x).toarray()
+        if color is not None:
+            return e[:, list(genes).index(color)]
+        return e
+
+    mats = [values(n, a) for n, a in panels]
+    if color is None:
+        stacked = np.concatenate(mats)
+        mean = stacked.mean(0)
+        _, _, vt = np.linalg.svd(
+            stacked[:: max(1, len(stacked) // 3000)] - mean, full_matrices=False
+        )
+        mats = [(m - mean) @ vt[0] for m in mats]
+    lo = min(float(np.percentile(m, 1)) for m in mats)
+    hi = max(float(np.percentile(m, 99)) for m in mats)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, (name, a), v in zip(axes[0], panels, mats, strict=True):
+        key = "spatial" if name == "generated" else spatial_key
+        xy = np.asarray(a.obsm["spatial_aligned" if "spatial_aligned" in a.obsm else key])
+        ax.scatter(xy[:, 0], xy[:, 1], c=v, s=max(2.0, 3e4 / len(xy)), vmin=lo, vmax=hi, lw=0)
+        ax.set_title(name)
         ax.set_aspect("equal")
         ax.invert_yaxis()
         ax.set_xticks([])

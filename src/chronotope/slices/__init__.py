@@ -2,6 +2,7 @@
 
 - :func:`align_pair` -- FGW (direct or coarse to fine) plan, rigid transform, sparse plan.
 - :func:`fit_rigid` -- rotation / translation (/ scale) fitted to a plan.
+- :func:`interpolate_pair` -- the slice at time t between two aligned slices.
 - :func:`shared_features` -- joint PCA of slices over their shared genes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from chronotope.slices.align import PairAlignment, align_pair
 from chronotope.slices.features import shared_features, shared_genes
+from chronotope.slices.interpolate import interpolate_pair, lattice_kind
 from chronotope.slices.rigid import RigidTransform, fit_rigid
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "RigidTransform",
     "align_pair",
     "fit_rigid",
+    "interpolate_pair",
+    "lattice_kind",
     "shared_features",
     "shared_genes",
 ]

@@ -2,11 +2,12 @@
 
 - :func:`spatial_domains` -- graph contrastive encoder + clustering into spatial domains.
 - :func:`align_slices` -- slices into one frame (FGW on patches, rigid transform, sparse plans).
+- :func:`interpolate_slices` -- generate the slice between two (displacement interpolation).
 """
 
 from __future__ import annotations
 
 from chronotope.tl._domains import spatial_domains
-from chronotope.tl._slices import align_slices
+from chronotope.tl._slices import align_slices, interpolate_slices
 
-__all__ = ["align_slices", "spatial_domains"]
+__all__ = ["align_slices", "interpolate_slices", "spatial_domains"]
