@@ -18,6 +18,20 @@ known
     The transform of each plan is fitted the same way (weighted Kabsch,
     :func:`chronotope.slices.fit_rigid`, which is PASTE's ``generalized_procrustes``):
     rotation error in degrees and RMSE of the aligned coordinates in spot spacings.
+interp
+    Leave-one-out interpolation: breast sections (Stahl 2016; predict 2 from 1 and 3,
+    3 from 2 and 4) and HER2+ patient C (C2 from C1 and C3, C3 from C2 and C4, C4 from
+    C3 and C5). The held-out slice is aligned into the generated slice's frame (the
+    earlier slice's) with ``tl.align_slices`` and each real spot is matched to the
+    nearest generated spot. Metrics: median per-gene Pearson over the 1,000 genes with
+    the highest mean log-expression in the held-out slice (log1p of counts per 1e4),
+    Chamfer distance of positions (mean of both directions, in spot spacings), and for
+    HER2+ the agreement of the study's cluster labels carried to the generated spots
+    with those of the matched real spots. Baselines on the same matching: "copy" (the
+    better of the two neighbouring slices, aligned into the frame, as the generated
+    slice), and "PASTE-linear" (PASTE's plan between the neighbours; each spot of the
+    earlier slice moved halfway to its barycentric partner, expression averaged the
+    same way).
 scale
     Two synthetic slices of 5k / 20k / 50k spots (151673 and 151674 tiled side by side):
     chronotope wall time and peak RSS (PASTE at 5k for comparison).
@@ -31,6 +45,7 @@ Usage::
     python benchmarks/slices.py                         # all cases
     python benchmarks/slices.py --cases dlpfc --peers paste,paste2,moscot
     python benchmarks/slices.py --cases scale --sizes 5000,20000,50000
+    python benchmarks/slices.py --cases interp --peers paste
 """
 
 from __future__ import annotations
@@ -290,6 +305,120 @@ def case_known(args: argparse.Namespace, work: Path) -> None:
         )
 
 
+def _lognorm(a, genes) -> np.ndarray:
+    from chronotope.tl._slices import _log_normalised
+
+    return _log_normalised(a[:, genes].X).toarray()
+
+
+def _median_gene_pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
+    ok = den > 0
+    return float(np.median((x * y).sum(0)[ok] / den[ok]))
+
+
+def _score(gen_xy, gen_expr, gen_labels, real, real_xy, genes, labels_key):
+    """Pearson, Chamfer and label agreement of a generated slice against the real one."""
+    from scipy.spatial import cKDTree
+
+    spacing = _spacing(real_xy)
+    d_rg, nn = cKDTree(gen_xy).query(real_xy)
+    d_gr = cKDTree(real_xy).query(gen_xy)[0]
+    chamfer = (d_rg.mean() + d_gr.mean()) / 2 / spacing
+    pearson = _median_gene_pearson(_lognorm(real, genes), gen_expr[nn])
+    agree = float("nan")
+    if labels_key is not None and gen_labels is not None:
+        truth = real.obs[labels_key].astype(str).to_numpy()
+        ok = truth != "nan"
+        agree = float((np.asarray(gen_labels)[nn][ok] == truth[ok]).mean())
+    return pearson, chamfer, agree
+
+
+def case_interp(args: argparse.Namespace, work: Path) -> None:
+    import chronotope as ct
+
+    breast = ct.datasets.breast_slices()
+    her2 = {s: ct.datasets.her2st(s, load_image=False) for s in ("C1", "C2", "C3", "C4", "C5")}
+    for a in her2.values():
+        a.obs["cluster"] = a.obs["cluster"].astype(str)
+    triples = [
+        ("breast 2", breast[0], breast[1], breast[2], None),
+        ("breast 3", breast[1], breast[2], breast[3], None),
+        ("her2 C2", her2["C1"], her2["C2"], her2["C3"], "cluster"),
+        ("her2 C3", her2["C2"], her2["C3"], her2["C4"], "cluster"),
+        ("her2 C4", her2["C3"], her2["C4"], her2["C5"], "cluster"),
+    ]
+    for name, first, real, second, key in triples:
+        t0 = time.perf_counter()
+        gen = ct.tl.interpolate_slices(first, second, t=0.5, labels_key=key)
+        wall = time.perf_counter() - t0
+        frame = [first.copy(), real.copy()]
+        ct.tl.align_slices(frame)  # the real slice in the earlier slice's frame
+        real_xy = frame[1].obsm["spatial_aligned"]
+        shared = gen.var_names[gen.var_names.isin(real.var_names)]
+        top = np.argsort(-_lognorm(real, shared).mean(0))[:1000]
+        genes = shared[np.sort(top)]
+        g_expr = np.asarray(gen[:, genes].X)
+        labels = gen.obs[key].to_numpy() if key else None
+        ours = _score(gen.obsm["spatial"], g_expr, labels, real, real_xy, genes, key)
+        # copy baseline: each neighbour aligned into the frame, the better one
+        copies = []
+        for other in (first, second):
+            pair = [first.copy(), other.copy()]
+            if other is not first:
+                ct.tl.align_slices(pair)
+                xy = pair[1].obsm["spatial_aligned"]
+            else:
+                xy = np.asarray(first.obsm["spatial"], float)
+            o_genes = genes[genes.isin(other.var_names)]
+            expr = np.zeros((other.n_obs, len(genes)))
+            expr[:, genes.isin(other.var_names)] = _lognorm(other, o_genes)
+            lab = other.obs[key].astype(str).to_numpy() if key else None
+            copies.append(_score(xy, expr, lab, real, real_xy, genes, key))
+        copy = max(copies, key=lambda r: r[0])
+        fmt = "pearson {:.3f}  chamfer {:.2f}  labels {:.3f}"
+        print(f"interp {name:8s} chronotope {fmt.format(*ours)}  ({wall:.1f} s)", flush=True)
+        print(f"interp {name:8s} copy       {fmt.format(*copy)}", flush=True)
+        if "paste" in args.peers:
+            _paste_linear(name, first, second, real, real_xy, genes, key, args, work, fmt)
+        print(
+            f"interp {name:8s} chronotope - copy: pearson {ours[0] - copy[0]:+.3f}, "
+            f"chamfer {ours[1] - copy[1]:+.2f}",
+            flush=True,
+        )
+
+
+def _paste_linear(name, first, second, real, real_xy, genes, key, args, work, fmt) -> None:
+    """PASTE plan between the neighbours, linear interpolation on the earlier slice."""
+    import chronotope as ct
+
+    a, b = _shared(first, second)
+    pa, pb = work / "interp_a.h5ad", work / "interp_b.h5ad"
+    a.write_h5ad(pa)
+    b.write_h5ad(pb)
+    res = run_peer("paste", pa, pb, work / "plan_interp_paste.npz", args.threads, [])
+    if "error" in res:
+        print(f"interp {name:8s} paste-lin  failed: {res['error']}", flush=True)
+        return
+    plan = np.asarray(res["plan"], dtype=float)
+    tr = ct.slices.fit_rigid(a.obsm["spatial"], b.obsm["spatial"], plan)
+    xb = tr.apply(b.obsm["spatial"])
+    row = plan.sum(1, keepdims=True)
+    row[row == 0] = 1.0
+    xy = 0.5 * np.asarray(a.obsm["spatial"], float) + 0.5 * (plan @ xb) / row
+    in_a, in_b = genes.isin(a.var_names), genes.isin(b.var_names)
+    ea = np.zeros((a.n_obs, len(genes)))
+    ea[:, in_a] = _lognorm(a, genes[in_a])
+    eb = np.zeros((b.n_obs, len(genes)))
+    eb[:, in_b] = _lognorm(b, genes[in_b])
+    expr = 0.5 * ea + 0.5 * (plan @ eb) / row
+    lab = a.obs[key].astype(str).to_numpy() if key else None
+    score = _score(xy, expr, lab, real, real_xy, genes, key)
+    print(f"interp {name:8s} paste-lin  {fmt.format(*score)}  ({res['wall_s']:.1f} s PASTE)")
+
+
 def case_scale(args: argparse.Namespace, work: Path) -> None:
     a, b = _shared(_base("151673"), _base("151674"))
     for n in [int(v) for v in args.sizes.split(",")]:
@@ -312,7 +441,7 @@ def case_scale(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child")
-    ap.add_argument("--cases", default="dlpfc,known,scale")
+    ap.add_argument("--cases", default="dlpfc,known,interp,scale")
     ap.add_argument("--peers", default="paste,paste2,moscot")
     ap.add_argument("--sizes", default="5000,20000,50000")
     ap.add_argument("--peer-max-n", type=int, default=5000)
@@ -331,6 +460,8 @@ def main() -> None:
         case_dlpfc(args, work)
     if "known" in cases:
         case_known(args, work)
+    if "interp" in cases:
+        case_interp(args, work)
     if "scale" in cases:
         case_scale(args, work)
 
