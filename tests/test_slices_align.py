@@ -267,3 +267,26 @@ def test_interpolate_slices_between_and_sequence():
     assert (seq.obsm["spatial"][left, 0] < 16).mean() > 0.9
     with pytest.raises(ChronotopeInputError, match="t must be"):
         ct.tl.interpolate_slices([a, b, third], t=2.5)
+
+
+def test_cli_interpolate(tmp_path):
+    from chronotope.cli import main
+
+    a, b, _ = _shifted_pair()
+    a.write_h5ad(tmp_path / "a.h5ad")
+    b.write_h5ad(tmp_path / "b.h5ad")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "interpolate",
+                str(tmp_path / "a.h5ad"),
+                str(tmp_path / "b.h5ad"),
+                "--t",
+                "0.3",
+                "-o",
+                str(tmp_path / "mid.h5ad"),
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    mid = ct.io.read_h5ad(tmp_path / "mid.h5ad")
+    assert mid.n_obs == a.n_obs and mid.uns["interpolation"]["t"] == pytest.approx(0.3)

@@ -897,6 +897,13 @@ def _section_align(report: Report, ctx: DemoContext) -> None:
 
 
 register_section(
+    "slices",
+    "Slices: alignment and interpolation",
+    "chronotope.slices._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:interpolate_slices"),
+)
+
+register_section(
     "domains",
     "Spatial domains (graph contrastive encoder)",
     "chronotope.domains._demo:demo_section",
