@@ -227,7 +227,7 @@ def test_interpolate_pair_positions_and_expression():
     for t in (0.0, 0.25, 0.5, 1.0):
         pos, expr, dens = interpolate_pair(plan, ya, xb, ea, eb, t)
         assert len(pos) == 100 and (dens > 0).all()
-        np.testing.assert_allclose(pos.mean(0), ya.mean(0) + [4 * t, 0], atol=0.3)
+        np.testing.assert_allclose(pos.mean(0), ya.mean(0) + np.array([4 * t, 0]), atol=0.3)
         np.testing.assert_allclose(expr.mean(0), [1 - t, t], atol=1e-5)
         # a lattice at the interpolated spacing (here 1), every spot with a neighbour
         assert cKDTree_nn(pos) == pytest.approx(1.0)

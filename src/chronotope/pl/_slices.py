@@ -17,7 +17,7 @@ __all__ = ["alignment", "interpolation"]
 
 
 def alignment(
-    reference: AnnData,
+    adata: AnnData,
     moving: AnnData,
     plan: sp.spmatrix | None = None,
     *,
@@ -30,8 +30,9 @@ def alignment(
 
     Parameters
     ----------
-    reference, moving
-        The slices after :func:`chronotope.tl.align_slices` (``obsm[aligned_key]``).
+    adata, moving
+        The reference and the moving slice after :func:`chronotope.tl.align_slices`
+        (``obsm[aligned_key]``).
     plan
         ``(n_reference, n_moving)`` plan; draws links from a random sample of reference
         spots to their strongest partner.
@@ -48,10 +49,10 @@ def alignment(
     """
     import matplotlib.pyplot as plt
 
-    for name, a in (("reference", reference), ("moving", moving)):
+    for name, a in (("reference", adata), ("moving", moving)):
         if aligned_key not in a.obsm:
             raise ChronotopeInputError(f"{name}.obsm[{aligned_key!r}] is missing: align first")
-    ya = np.asarray(reference.obsm[aligned_key])[:, :2]
+    ya = np.asarray(adata.obsm[aligned_key])[:, :2]
     xb0 = np.asarray(moving.obsm[spatial_key])[:, :2]
     xb = np.asarray(moving.obsm[aligned_key])[:, :2]
     n_panels = 3 if plan is not None else 2
@@ -89,7 +90,7 @@ def alignment(
 
 
 def interpolation(
-    first: AnnData,
+    adata: AnnData,
     generated: AnnData,
     second: AnnData,
     *,
@@ -106,7 +107,7 @@ def interpolation(
 
     from chronotope.tl._slices import _log_normalised
 
-    panels = [("first", first), ("generated", generated), ("second", second)]
+    panels = [("first", adata), ("generated", generated), ("second", second)]
     if truth is not None:
         panels.insert(2, ("real", truth))
     genes = generated.var_names

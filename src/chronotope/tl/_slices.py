@@ -32,7 +32,7 @@ def _split(adata: AnnData, batch_key: str) -> tuple[list[AnnData], list[str], li
 
 
 def align_slices(
-    adatas: Sequence[AnnData] | AnnData,
+    adata: Sequence[AnnData] | AnnData,
     *,
     batch_key: str | None = None,
     policy: Literal["sequential", "star"] = "sequential",
@@ -62,7 +62,7 @@ def align_slices(
 
     Parameters
     ----------
-    adatas
+    adata
         A list of slices, or one AnnData holding several with ``batch_key``. Raw counts
         in ``.X`` (or ``layer``), coordinates in ``obsm[spatial_key]``.
     batch_key
@@ -100,13 +100,13 @@ def align_slices(
     """
     t_start = time.perf_counter()
     joint = None
-    if isinstance(adatas, AnnData):
+    if isinstance(adata, AnnData):
         if batch_key is None:
             raise ChronotopeInputError("pass a list of slices, or one AnnData and batch_key")
-        joint = adatas
-        slices, names, index = _split(adatas, batch_key)
+        joint = adata
+        slices, names, index = _split(adata, batch_key)
     else:
-        slices = list(adatas)
+        slices = list(adata)
         names = [str(i) for i in range(len(slices))]
         index = []
     n = len(slices)
@@ -230,8 +230,8 @@ def _log_normalised(x: Any) -> sp.csr_matrix:
 
 
 def interpolate_slices(
-    adata_a: AnnData | Sequence[AnnData],
-    adata_b: AnnData | None = None,
+    adata: AnnData | Sequence[AnnData],
+    other: AnnData | None = None,
     *,
     t: float = 0.5,
     spatial_key: str = "spatial",
@@ -254,8 +254,8 @@ def interpolate_slices(
 
     Parameters
     ----------
-    adata_a, adata_b
-        Two slices, or a sequence of slices as ``adata_a`` (then ``t`` in
+    adata, other
+        Two slices, or a sequence of slices as ``adata`` (then ``t`` in
         ``[0, n - 1]`` is a position along the sequence: ``t = 1.5`` is halfway between
         the second and third slice). Raw counts in ``.X`` (or ``layer``), coordinates in
         ``obsm[spatial_key]``, genes matched by name.
@@ -283,11 +283,11 @@ def interpolate_slices(
     """
     from chronotope.slices import align_pair, interpolate_pair, shared_features, shared_genes
 
-    seq = [adata_a] if isinstance(adata_a, AnnData) else list(adata_a)
-    if adata_b is not None:
+    seq = [adata] if isinstance(adata, AnnData) else list(adata)
+    if other is not None:
         if len(seq) != 1:
             raise ChronotopeInputError("pass two slices, or one sequence of slices")
-        seq.append(adata_b)
+        seq.append(other)
     if len(seq) < 2:
         raise ChronotopeInputError("at least two slices are needed")
     if not 0.0 <= t <= len(seq) - 1:
