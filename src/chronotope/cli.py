@@ -355,6 +355,64 @@ def align(
 
 
 @app.command()
+def integrate(
+    slices: Annotated[
+        list[Path],
+        typer.Argument(help="Two or more slice .h5ad files: counts, obsm['spatial'].", min=2),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad (all spots).")],
+    n_domains: Annotated[int, typer.Option(help="Number of joint domains.")] = 7,
+    reference: Annotated[int, typer.Option(help="Index of the slice whose frame is kept.")] = 0,
+    scaling: Annotated[
+        bool, typer.Option(help="Fit a scale between slices (coordinates in other units).")
+    ] = True,
+    center_slices: Annotated[
+        bool, typer.Option(help="Centre and scale each gene within each slice.")
+    ] = True,
+    allow_reflection: Annotated[bool, typer.Option(help="Allow a mirrored slice.")] = False,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
+    figures: Annotated[Path | None, typer.Option(help="Folder for integration.png.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Integrate slices (other platforms welcome): one frame, one embedding, joint domains."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    if len({p.stem for p in slices}) != len(slices):
+        raise _CommandError("slice files must have distinct names (their stems name slices)")
+    adatas = [read_input(p) for p in slices]
+    joint = ct.tl.integrate_slices(
+        adatas,
+        names=[p.stem for p in slices],
+        n_domains=n_domains,
+        reference=reference,
+        scaling=scaling,
+        center_slices=center_slices,
+        allow_reflection=allow_reflection,
+        spatial_key=spatial_key,
+        seed=seed,
+        device=device,
+        progress=show_progress(),
+    )
+    write_output(joint, out)
+    if figures is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        figures.mkdir(parents=True, exist_ok=True)
+        ct.pl.integration(joint).savefig(figures / "integration.png", dpi=120)
+    if _state["verbosity"] >= 0:
+        info = joint.uns["integration"]
+        typer.echo(
+            f"wrote {out}: {joint.n_obs} spots of {len(slices)} slices, "
+            f"{info['n_shared_genes']} shared genes, {n_domains} joint domains, "
+            f"{info['seconds']:.1f} s"
+        )
+
+
+@app.command()
 def interpolate(
     a: Annotated[Path, typer.Argument(help="First slice .h5ad: counts, obsm['spatial'].")],
     b: Annotated[Path, typer.Argument(help="Second slice .h5ad (genes matched by name).")],

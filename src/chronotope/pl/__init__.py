@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chronotope.pl._domains import domains, gene_importance
-from chronotope.pl._slices import alignment, interpolation
+from chronotope.pl._slices import alignment, integration, interpolation
 from chronotope.pl._spatial import spatial
 
-__all__ = ["alignment", "domains", "gene_importance", "interpolation", "spatial"]
+__all__ = ["alignment", "domains", "gene_importance", "integration", "interpolation", "spatial"]

@@ -13,7 +13,7 @@ from chronotope._errors import ChronotopeInputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["alignment", "interpolation"]
+__all__ = ["alignment", "integration", "interpolation"]
 
 
 def alignment(
@@ -145,5 +145,72 @@ def interpolation(
         ax.invert_yaxis()
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def integration(
+    adata: AnnData,
+    *,
+    batch_key: str = "slice",
+    color: str = "domain",
+    aligned_key: str = "spatial_aligned",
+) -> Figure:
+    """Integrated slices: each slice by ``color`` in the common frame, and all overlaid.
+
+    Parameters
+    ----------
+    adata
+        The result of :func:`chronotope.tl.integrate_slices`.
+    batch_key
+        ``obs`` column naming each spot's slice.
+    color
+        Categorical ``obs`` column (joint domains by default); one palette for all slices.
+    aligned_key
+        ``obsm`` key of the common-frame coordinates.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+
+    for where, key in (("obs", batch_key), ("obs", color), ("obsm", aligned_key)):
+        if key not in getattr(adata, where):
+            raise ChronotopeInputError(f"adata.{where}[{key!r}] is missing: integrate first")
+    xy = np.asarray(adata.obsm[aligned_key])[:, :2]
+    batches = adata.obs[batch_key].astype(str).to_numpy()
+    names = list(dict.fromkeys(batches))
+    cats, codes = np.unique(adata.obs[color].astype(str).to_numpy(), return_inverse=True)
+    cmap = plt.get_cmap("tab20" if cats.size > 10 else "tab10")
+    colors = cmap(codes % cmap.N)
+    n = len(names) + 1
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False)
+    markers = "os^Dv<>p"
+    for ax, name in zip(axes[0], names, strict=False):
+        m = batches == name
+        s = max(1.0, 1.5e4 / m.sum())
+        ax.scatter(xy[m, 0], xy[m, 1], c=colors[m], s=s, lw=0)
+        ax.set_title(f"{name} ({m.sum()} spots)")
+    ax = axes[0][-1]
+    for i, name in enumerate(names):
+        m = batches == name
+        ax.scatter(
+            xy[m, 0],
+            xy[m, 1],
+            c=colors[m],
+            s=max(1.0, 0.5e4 / m.sum()),
+            lw=0,
+            alpha=0.6,
+            marker=markers[i % len(markers)],
+            label=name,
+        )
+    ax.legend(loc="upper right", frameon=False, markerscale=3)
+    ax.set_title("overlaid in one frame")
+    for a in axes[0]:
+        a.set_aspect("equal")
+        a.invert_yaxis()
+        a.set_xticks([])
+        a.set_yticks([])
     fig.tight_layout()
     return fig

@@ -857,6 +857,7 @@ def pca(
     scale: bool = True,
     max_value: float | None = 10.0,
     random_state: int | None = 0,
+    batch_key: str | None = None,
     key_added: str = "X_pca",
     copy: bool = False,
 ) -> AnnData | None:
@@ -886,6 +887,16 @@ def pca(
         ``[-max_value, max_value]``; ``None`` does not clip. Ignored for sparse input.
     random_state
         Seed of the ARPACK start vector.
+    batch_key
+        Column of ``adata.obs``: centre each gene within each batch (and, with
+        ``scale``, divide by its standard deviation within that batch, as Seurat scales
+        each dataset before integration) before the decomposition, so a platform's or a
+        batch's shift of a gene's mean or spread does not become a component. Sparse
+        input stays sparse: the centred matrix is an implicit operator (``X - B M``,
+        ``B`` the batch indicator, ``M`` the batch means, rows scaled per batch) given
+        to ARPACK. Use it when each batch contains the same kinds of spots (e.g. two
+        platforms over the same tissue); a batch that lacks a cell type entirely is
+        shifted towards the others.
     key_added
         Key of ``adata.obsm`` written.
     copy
@@ -928,6 +939,33 @@ def pca(
         n_comps = limit
 
     xs = _select_columns(x, mask)
+    if batch_key is not None:
+        batches = _batch_codes(adata, batch_key)
+        scores, components, variance, ratio = _batch_centred_pca(
+            xs, batches, n_comps, scale=scale, random_state=random_state
+        )
+        loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float32)
+        loadings[mask] = components.T
+        if copy:
+            adata = adata.copy()
+        adata.obsm[key_added] = scores.astype(np.float32)
+        adata.varm["PCs"] = loadings
+        adata.uns["pca"] = {
+            "variance": variance,
+            "variance_ratio": ratio,
+            "params": {
+                "n_comps": n_comps,
+                "layer": layer,
+                "use_highly_variable": bool(use_highly_variable),
+                "scale": bool(scale),
+                "max_value": None,
+                "clipped": False,
+                "svd_solver": "arpack (batch-centred operator)",
+                "random_state": random_state,
+                "batch_key": batch_key,
+            },
+        }
+        return adata if copy else None
     if sp.issparse(xs):
         xs = sp.csr_matrix(xs, dtype=np.float64)
         if scale:
@@ -963,6 +1001,86 @@ def pca(
         },
     }
     return adata if copy else None
+
+
+def _batch_codes(adata: AnnData, batch_key: str) -> np.ndarray:
+    if batch_key not in adata.obs:
+        raise ChronotopeInputError(f"batch_key {batch_key!r} is not a column of adata.obs.")
+    col = adata.obs[batch_key]
+    if col.isna().any():
+        raise ChronotopeInputError(f"adata.obs[{batch_key!r}] has missing values.")
+    return pd.factorize(col.astype(str))[0]
+
+
+def _batch_centred_pca(
+    x: Matrix,
+    batches: np.ndarray,
+    n_comps: int,
+    *,
+    scale: bool,
+    random_state: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Truncated SVD of ``X`` centred and scaled within each batch, without forming it.
+
+    Returns scores ``U S``, components ``V^T``, explained variance and its ratio.
+    """
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    n = x.shape[0]
+    k = int(batches.max()) + 1
+    indicator = sp.csr_matrix((np.ones(n), (np.arange(n), batches)), shape=(n, k))
+    counts = np.asarray(indicator.sum(axis=0)).ravel()
+    xs = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, np.float64)
+
+    def dense(m: Matrix) -> np.ndarray:
+        return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+    means = dense(indicator.T @ xs) / counts[:, None]  # (k, g)
+    sq = dense(indicator.T @ (xs.multiply(xs) if sp.issparse(xs) else xs * xs))
+    # per-batch variance of each gene (ddof=1); zero variance -> unit scale
+    var = np.maximum(sq - counts[:, None] * means**2, 0.0) / np.maximum(counts - 1, 1)[:, None]
+    inv = 1.0 / _std(var) if scale else np.ones_like(var)  # (k, g)
+    row_batch = batches
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        v = v.reshape(xs.shape[1], -1)
+        out = np.empty((n, v.shape[1]))
+        for b in range(k):
+            rows = row_batch == b
+            w = inv[b][:, None] * v
+            out[rows] = np.asarray(xs[rows] @ w) - means[b] @ w
+        return out
+
+    def rmatvec(u: np.ndarray) -> np.ndarray:
+        u = u.reshape(n, -1)
+        out = np.zeros((xs.shape[1], u.shape[1]))
+        for b in range(k):
+            rows = row_batch == b
+            ub = u[rows]
+            out += inv[b][:, None] * (np.asarray(xs[rows].T @ ub) - np.outer(means[b], ub.sum(0)))
+        return out
+
+    op = LinearOperator(
+        (n, xs.shape[1]),
+        matvec=matvec,
+        rmatvec=rmatvec,
+        matmat=matvec,
+        rmatmat=rmatvec,
+        dtype=np.float64,
+    )
+    v0 = np.random.default_rng(random_state).uniform(-1, 1, min(op.shape))
+    u, s, vt = svds(op, k=n_comps, v0=v0, random_state=random_state)
+    order = np.argsort(s)[::-1]
+    u, s, vt = u[:, order], s[order], vt[order]
+    # sign convention of sklearn (svd_flip on u): largest |u| entry of each column > 0
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
+    signs[signs == 0] = 1.0
+    u, vt = u * signs, vt * signs[:, None]
+    variance = s**2 / max(n - 1, 1)
+    scaled_var = var * inv**2  # per batch: 1 (scaled) or the variance
+    total = float((scaled_var * np.maximum(counts - 1, 1)[:, None]).sum() / max(n - 1, 1))
+    ratio = variance / max(total, 1e-300)
+    return u * s, vt, variance, ratio
 
 
 # ---- convenience ---------------------------------------------------------------------

@@ -47,6 +47,7 @@ def shared_features(
     layer: str | None = None,
     n_top_genes: int = 3000,
     n_comps: int = 30,
+    center_slices: bool = False,
     seed: int = 0,
 ) -> list[np.ndarray]:
     """Joint PCA features of slices over their shared genes.
@@ -64,6 +65,10 @@ def shared_features(
         Layer holding the counts.
     n_top_genes, n_comps
         Genes selected and principal components kept (clamped to what the data allow).
+    center_slices
+        Centre each gene within each slice before the PCA (slices from different
+        platforms whose per-gene capture differs; see ``batch_key`` of
+        :func:`chronotope.pp.pca`).
     seed
         Seed of the PCA solver.
 
@@ -91,6 +96,14 @@ def shared_features(
     joint.var_names = genes
     joint.obs["slice"] = np.repeat(np.arange(len(adatas)).astype(str), sizes)
     n_comps = int(min(n_comps, stacked.shape[0] - 1, min(n_top_genes, stacked.shape[1]) - 1))
-    _preprocess_selected(joint, None, min(n_top_genes, stacked.shape[1]), n_comps, "slice", seed)
+    _preprocess_selected(
+        joint,
+        None,
+        min(n_top_genes, stacked.shape[1]),
+        n_comps,
+        "slice",
+        seed,
+        center_batches=center_slices,
+    )
     scores = np.asarray(joint.obsm["X_pca"], dtype=np.float32)
     return np.split(scores, np.cumsum(sizes)[:-1])

@@ -111,7 +111,11 @@ def fit_rigid(
         ``(n, m)`` non-negative weights (sparse or dense); only its total matters for
         the scale of the weights.
     scaling
-        Also fit an isotropic scale (slices in different units, e.g. two platforms).
+        Also fit an isotropic scale (slices in different units, e.g. two platforms):
+        ``sqrt(var_y / var_x)``, the ratio of the spreads of the plan's two marginals
+        (the symmetric Procrustes scale; unlike the least-squares slope it is not
+        shrunk by a blurred plan). Rotation and translation are then the least-squares
+        fit at that scale.
     allow_reflection
         Allow ``det R = -1`` when it fits better.
 
@@ -150,7 +154,11 @@ def fit_rigid(
             sign[-1] = -1.0
         rot = vt.T @ np.diag(sign) @ u.T
         trace = float((s * sign).sum())
-        scale = trace / var_x if scaling and var_x > 0 else 1.0
+        # Symmetric scale: the ratio of the two marginals' spreads. Umeyama's least
+        # squares scale (trace / var_x) is a regression slope, shrunk by the plan's blur
+        # (an entropic plan spreads each spot over its neighbours, most at slice edges);
+        # measured on a Visium slice vs a 2x-binned copy in other units: 2.7 % low.
+        scale = float(np.sqrt(var_y / var_x)) if scaling and var_x > 0 else 1.0
         # sum_ij P_ij |y_i - s R x_j - t|^2 / total at the optimal t
         residual = var_y - 2.0 * scale * trace + scale * scale * var_x
         translation = mu_y - scale * mu_x @ rot.T

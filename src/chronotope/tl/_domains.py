@@ -69,6 +69,7 @@ def _preprocess_selected(
     n_comps: int,
     batch_key: str | None,
     seed: int,
+    center_batches: bool = False,
 ) -> None:
     """HVG on the counts, then log-normalised selected genes -> PCA; no full-size layers.
 
@@ -108,8 +109,19 @@ def _preprocess_selected(
         sub = np.asarray(counts, dtype=np.float64)[:, genes] * factor[:, None]
         sub = np.log1p(sub).astype(np.float32)
     selected = AnnData(sub, obs=adata.obs[[]], var=adata.var[genes][[]])
+    pca_batch = None
+    if center_batches and batch_key is not None:
+        pca_batch = "_batch"
+        selected.obs[pca_batch] = adata.obs[batch_key].to_numpy()
     del view, sub
-    pp.pca(selected, n_comps=n_comps, layer=None, use_highly_variable=False, random_state=seed)
+    pp.pca(
+        selected,
+        n_comps=n_comps,
+        layer=None,
+        use_highly_variable=False,
+        random_state=seed,
+        batch_key=pca_batch,
+    )
     loadings = np.zeros((adata.n_vars, selected.varm["PCs"].shape[1]), dtype=np.float32)
     loadings[genes] = selected.varm["PCs"]
     adata.obsm["X_pca"] = selected.obsm["X_pca"]
@@ -124,6 +136,7 @@ def spatial_domains(
     *,
     spatial_key: str = "spatial",
     batch_key: str | None = None,
+    center_batches: bool = False,
     layer: str | None = None,
     preprocess: bool = True,
     n_top_genes: int = 3000,
@@ -167,6 +180,11 @@ def spatial_domains(
     batch_key
         Column of ``adata.obs`` naming the slice of each spot; slices are integrated
         (shared encoder, separate graphs, per-batch gene selection).
+    center_batches
+        With ``batch_key``: centre each gene within each batch before the PCA (see
+        ``batch_key`` of :func:`chronotope.pp.pca`), for slices from different platforms
+        or protocols whose per-gene capture differs; each batch should cover the same
+        tissue kinds. Used by :func:`chronotope.tl.integrate_slices`.
     layer
         Layer with the raw counts (``None``: ``.X``).
     preprocess
@@ -213,7 +231,9 @@ def spatial_domains(
     start = time.perf_counter()
 
     if preprocess:
-        _preprocess_selected(adata, layer, n_top_genes, n_comps, batch_key, seed)
+        _preprocess_selected(
+            adata, layer, n_top_genes, n_comps, batch_key, seed, center_batches=center_batches
+        )
     for key, where in (("X_pca", "obsm"), ("PCs", "varm")):
         if key not in getattr(adata, where):
             raise ChronotopeInputError(
@@ -262,6 +282,7 @@ def spatial_domains(
         "n_domains": int(n_domains),
         "spatial_key": spatial_key,
         "batch_key": batch_key,
+        "center_batches": bool(center_batches),
         "layer": layer,
         "preprocess": bool(preprocess),
         "n_top_genes": int(n_top_genes),

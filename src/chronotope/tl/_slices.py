@@ -49,6 +49,7 @@ def align_slices(
     scaling: bool = False,
     n_top_genes: int = 3000,
     n_comps: int = 30,
+    center_slices: bool = False,
     seed: int = 0,
     device: str = "cpu",
     key_added: str = "spatial_aligned",
@@ -78,7 +79,7 @@ def align_slices(
         Where the coordinates and counts are.
     alpha, epsilon, mass, tau, n_patches, n_candidates, allow_reflection, scaling
         See :func:`chronotope.slices.align_pair`.
-    n_top_genes, n_comps
+    n_top_genes, n_comps, center_slices
         Joint features (see :func:`chronotope.slices.shared_features`).
     seed, device
         Seed (PCA, patches); torch device.
@@ -127,7 +128,12 @@ def align_slices(
     from chronotope.slices.rigid import RigidTransform
 
     feats = shared_features(
-        slices, layer=layer, n_top_genes=n_top_genes, n_comps=n_comps, seed=seed
+        slices,
+        layer=layer,
+        n_top_genes=n_top_genes,
+        n_comps=n_comps,
+        center_slices=center_slices,
+        seed=seed,
     )
     d = coords[0].shape[1]
     identity = RigidTransform(np.eye(d), np.zeros(d))
