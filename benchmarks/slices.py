@@ -32,6 +32,16 @@ interp
     slice), and "PASTE-linear" (PASTE's plan between the neighbours; each spot of the
     earlier slice moved halfway to its barycentric partner, expression averaged the
     same way).
+xplatform
+    Cross-platform: DLPFC 151674 re-measured as a coarser platform (Visium spots summed
+    into bins of twice the spacing, like legacy ST; 60 % of the genes; a per-gene capture
+    factor, log-normal with sd 0.5; coordinates in other units (x 0.37), rotated 25
+    degrees). Against 151673 (Visium): plan accuracy (bin label = majority layer) and
+    the fitted scale; the known-truth variant (151673 against its own binned copy):
+    rotation, scale and RMSE. Then ``tl.integrate_slices``: kNN (k = 10) transfer of the
+    layers from 151673 to the bins in the joint embedding ``X_domain`` and in the joint
+    PCA without per-slice centring (the baseline), joint-domain ARI per slice, with
+    ``center_slices`` on and off; wall time and peak RSS of the case's process.
 scale
     Two synthetic slices of 5k / 20k / 50k spots (151673 and 151674 tiled side by side):
     chronotope wall time and peak RSS (PASTE at 5k for comparison).
@@ -46,6 +56,7 @@ Usage::
     python benchmarks/slices.py --cases dlpfc --peers paste,paste2,moscot
     python benchmarks/slices.py --cases scale --sizes 5000,20000,50000
     python benchmarks/slices.py --cases interp --peers paste
+    python benchmarks/slices.py --cases xplatform
 """
 
 from __future__ import annotations
@@ -141,6 +152,42 @@ def _tile(a, n: int):
         parts.append(c)
     out = ad.concat(parts, merge="same")
     return out[:n].copy()
+
+
+def pseudo_platform(a, *, factor=2.0, panel=0.6, capture_sd=0.5, units=0.37, angle=25.0,
+                    seed=0):  # fmt: skip
+    """``a`` re-measured by a coarser platform; returns it and the bins' true positions."""
+    import scipy.sparse as sp
+    from anndata import AnnData
+
+    rng = np.random.default_rng(seed)
+    xy = a.obsm["spatial"]
+    g = factor * _spacing(xy)
+    cell, inv = np.unique(np.round((xy - xy.min(0)) / g).astype(int), axis=0,
+                          return_inverse=True)  # fmt: skip
+    inv = inv.ravel()
+    pool = sp.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))),
+                         shape=(len(cell), len(inv)))  # fmt: skip
+    n_in = np.asarray(pool.sum(1)).ravel()
+    cats, li = np.unique(a.obs["layer"].to_numpy().astype(str), return_inverse=True)
+    onehot = sp.csr_matrix((np.ones(len(li)), (np.arange(len(li)), li)),
+                           shape=(len(li), len(cats)))  # fmt: skip
+    label = cats[(pool @ onehot).toarray().argmax(1)]
+    keep = n_in >= 2
+    genes = np.sort(rng.choice(a.n_vars, int(panel * a.n_vars), replace=False))
+    capture = np.minimum(1.0, 0.5 * np.exp(rng.normal(0, capture_sd, a.n_vars)))[genes]
+    x = (pool @ sp.csr_matrix(a.X)).tocsr()[keep][:, genes].tocsr().astype(np.int64)
+    x.data = rng.binomial(x.data, capture[x.indices])
+    x.eliminate_zeros()
+    truth = cell[keep] * g + xy.min(0)
+    t = np.radians(angle)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    out = AnnData(x.astype(np.float32))
+    out.var_names = a.var_names[genes]
+    out.obs_names = [f"bin{i}" for i in range(out.n_obs)]
+    out.obs["layer"] = label[keep]
+    out.obsm["spatial"] = ((truth - truth.mean(0)) @ rot.T) * units + np.array([300.0, 120.0])
+    return out, truth
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -419,6 +466,75 @@ def _paste_linear(name, first, second, real, real_xy, genes, key, args, work, fm
     print(f"interp {name:8s} paste-lin  {fmt.format(*score)}  ({res['wall_s']:.1f} s PASTE)")
 
 
+def case_xplatform(args: argparse.Namespace, work: Path) -> None:
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    import chronotope as ct
+
+    t_case = time.perf_counter()
+    visium = _base("151673")
+    units, angle = 0.37, 25.0
+    binned, _ = pseudo_platform(_base("151674"), units=units, angle=angle)
+    own, truth = pseudo_platform(visium, units=units, angle=angle, seed=1)
+    print(f"xplat  151673 {visium.n_obs} spots x {visium.n_vars} genes; binned 151674 "
+          f"{binned.n_obs} bins x {binned.n_vars} genes", flush=True)  # fmt: skip
+    spacing = _spacing(visium.obsm["spatial"])
+    for name, other in (("151674 binned", binned), ("151673 binned (truth)", own)):
+        ra, rb = visium.copy(), other.copy()
+        t0 = time.perf_counter()
+        (plan,) = ct.tl.align_slices([ra, rb], scaling=True, center_slices=True)
+        wall = time.perf_counter() - t0
+        acc, _ = layer_accuracy(plan, ra.obs["layer"].to_numpy(), rb.obs["layer"].to_numpy())
+        tr = rb.uns["alignment"]["transform"]
+        line = f"xplat  align {name:22s} accuracy {acc:.3f}  scale {tr['scale']:.3f} " \
+               f"(units ratio {1 / units:.3f})"  # fmt: skip
+        if other is own:
+            rot = np.asarray(tr["rotation"])
+            err = abs((np.degrees(np.arctan2(rot[1, 0], rot[0, 0])) + angle + 180) % 360 - 180)
+            rmse = np.sqrt(((rb.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) / spacing
+            line += f"  rotation error {err:.2f} deg  RMSE {rmse:.2f} spacings"
+        print(f"{line}  {wall:.1f} s", flush=True)
+        if other is binned:
+            from chronotope.slices.transfer import transfer_labels
+
+            src = ra.obs["layer"].to_numpy().astype(object)
+            src[src == "nan"] = None
+            res = transfer_labels(plan, src, axis=0, ignore_missing=True)
+            got = np.asarray(res.labels.astype(object))
+            truth_b = rb.obs["layer"].to_numpy()
+            ok = (truth_b != "nan") & ~pd.isna(got)
+            agree = float((got[ok].astype(str) == truth_b[ok]).mean())
+            print(f"xplat  layers carried along the plan to the bins: {agree:.3f} agree "
+                  f"({ok.mean():.3f} of bins labelled)", flush=True)  # fmt: skip
+
+    def knn(emb, m, lab):
+        ok = lab != "nan"
+        clf = KNeighborsClassifier(10).fit(emb[m & ok], lab[m & ok])
+        return float((clf.predict(emb[~m & ok]) == lab[~m & ok]).mean())
+
+    for center in (True, False):
+        t0 = time.perf_counter()
+        joint = ct.tl.integrate_slices([visium, binned], names=["visium", "binned"],
+                                       n_domains=7, center_slices=center, seed=0)  # fmt: skip
+        wall = time.perf_counter() - t0
+        m = (joint.obs["slice"] == "visium").to_numpy()
+        lab = joint.obs["layer"].astype(str).to_numpy()
+        dom = joint.obs["domain"].astype(str).to_numpy()
+        ok = lab != "nan"
+        aris = [adjusted_rand_score(lab[mm & ok], dom[mm & ok]) for mm in (m, ~m)]
+        line = (f"xplat  integrate center_slices={center!s:5s} kNN transfer X_domain "
+                f"{knn(joint.obsm['X_domain'], m, lab):.3f}")  # fmt: skip
+        if not center:
+            feats = ct.slices.shared_features([visium, binned], n_comps=30)
+            line += f" (joint PCA baseline {knn(np.concatenate(feats), m, lab):.3f})"
+        line += f"  ARI visium {aris[0]:.3f} binned {aris[1]:.3f}  {wall:.1f} s"
+        print(line, flush=True)
+    print(f"xplat  case total {time.perf_counter() - t_case:.1f} s, peak RSS "
+          f"{peak_rss_bytes() / 2**30:.2f} GB", flush=True)  # fmt: skip
+
+
 def case_scale(args: argparse.Namespace, work: Path) -> None:
     a, b = _shared(_base("151673"), _base("151674"))
     for n in [int(v) for v in args.sizes.split(",")]:
@@ -441,7 +557,7 @@ def case_scale(args: argparse.Namespace, work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child")
-    ap.add_argument("--cases", default="dlpfc,known,interp,scale")
+    ap.add_argument("--cases", default="dlpfc,known,interp,xplatform,scale")
     ap.add_argument("--peers", default="paste,paste2,moscot")
     ap.add_argument("--sizes", default="5000,20000,50000")
     ap.add_argument("--peer-max-n", type=int, default=5000)
@@ -462,6 +578,8 @@ def main() -> None:
         case_known(args, work)
     if "interp" in cases:
         case_interp(args, work)
+    if "xplatform" in cases:
+        case_xplatform(args, work)
     if "scale" in cases:
         case_scale(args, work)
 

@@ -205,6 +205,15 @@ def test_cli_align(tmp_path):
     assert plan.shape == (ref.n_obs, mov.n_obs)
     back = ct.io.read_h5ad(tmp_path / "out" / "b.h5ad")
     assert np.sqrt(((back.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) < 0.5
+    assert "spatial_aligned_displacement" not in back.obsm
+    args = ["align", str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")]
+    args += ["-o", str(tmp_path / "plan2.npz"), "--aligned-out", str(tmp_path / "out2")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--nonrigid", "2"])
+    assert exit_info.value.code in (0, None)
+    back = ct.io.read_h5ad(tmp_path / "out2" / "b.h5ad")
+    assert back.obsm["spatial_aligned_displacement"].shape == (mov.n_obs, 2)
+    assert np.sqrt(((back.obsm["spatial_aligned"] - truth) ** 2).sum(1).mean()) < 0.5
 
 
 # ---- interpolation ---------------------------------------------------------------------

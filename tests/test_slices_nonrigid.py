@@ -139,6 +139,28 @@ def test_after_align_pair():
             assert nonrigid < rigid + 0.05, (rigid, nonrigid)
 
 
+def test_align_slices_nonrigid_option():
+    """tl.align_slices(nonrigid=...) writes the field and moves the warped slice closer."""
+    import chronotope as ct
+
+    xy, rate = _tissue()
+    t = np.radians(-20.0)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    ref, mov = _counts(rate, 1), _counts(rate, 2)
+    ref.obsm["spatial"] = xy
+    mov.obsm["spatial"] = (xy + _warp(xy, 1.5, 30.0)) @ rot.T + np.array([50.0, -20.0])
+    ct.tl.align_slices([ref, mov], n_comps=10)
+    rigid = _rmse(mov.obsm["spatial_aligned"], xy)
+    assert "spatial_aligned_displacement" not in mov.obsm
+    ct.tl.align_slices([ref, mov], n_comps=10, nonrigid=2.0)
+    field = mov.obsm["spatial_aligned_displacement"]
+    np.testing.assert_allclose(ref.obsm["spatial_aligned_displacement"], 0.0)
+    assert _rmse(mov.obsm["spatial_aligned"], xy) < 0.9 * rigid
+    assert np.abs(field).max() > 0.1
+    with pytest.raises(ChronotopeInputError, match="nonrigid"):
+        ct.tl.align_slices([ref, mov], nonrigid=-1.0)
+
+
 def test_errors():
     xy = _grid(5)
     plan = sp.identity(25, format="csr")

@@ -10,7 +10,11 @@ io
     Readers for h5ad, 10x Visium folders, csv/tsv matrices and time series.
 datasets
     Loaders for the public datasets and the embedded demo data.
-pp, pl
+domains
+    Graph contrastive encoder and clustering for spatial domains.
+slices
+    Alignment, integration, label transfer and interpolation of sections.
+pp, tl, pl
     AnnData layer: preprocessing (spatial neighbours) and plots.
 report, demo
     The HTML report and the ``chronotope demo`` pipeline.
@@ -26,7 +30,19 @@ from chronotope._version import __version__
 
 logging.getLogger("chronotope").addHandler(logging.NullHandler())
 
-_SUBMODULES = ("ot", "graph", "io", "datasets", "pp", "tl", "pl", "domains", "report", "demo")
+_SUBMODULES = (
+    "ot",
+    "graph",
+    "io",
+    "datasets",
+    "pp",
+    "tl",
+    "pl",
+    "domains",
+    "slices",
+    "report",
+    "demo",
+)
 
 __all__ = ["__version__", *_SUBMODULES]
 

@@ -300,6 +300,10 @@ def align(
         float | None, typer.Option(help="Partial alignment: expected overlap fraction.")
     ] = None,
     allow_reflection: Annotated[bool, typer.Option(help="Allow a mirrored slice.")] = False,
+    nonrigid: Annotated[
+        float | None,
+        typer.Option(help="Add a smooth displacement field (smoothness in spot spacings, e.g. 2)."),
+    ] = None,
     spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
     figures: Annotated[Path | None, typer.Option(help="Folder for alignment.png.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
@@ -320,6 +324,7 @@ def align(
         alpha=alpha,
         mass=mass,
         allow_reflection=allow_reflection,
+        nonrigid=nonrigid,
         seed=seed,
         device=device,
     )

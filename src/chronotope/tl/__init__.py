@@ -4,6 +4,7 @@
 - :func:`align_slices` -- slices into one frame (FGW on patches, rigid transform, sparse plans).
 - :func:`interpolate_slices` -- generate the slice between two (displacement interpolation).
 - :func:`integrate_slices` -- slices of different platforms in one embedding and one frame.
+- :func:`transfer_labels` -- carry labels from an aligned slice along the stored plan.
 """
 
 from __future__ import annotations
@@ -11,5 +12,12 @@ from __future__ import annotations
 from chronotope.tl._domains import spatial_domains
 from chronotope.tl._integrate import integrate_slices
 from chronotope.tl._slices import align_slices, interpolate_slices
+from chronotope.tl._transfer import transfer_labels
 
-__all__ = ["align_slices", "integrate_slices", "interpolate_slices", "spatial_domains"]
+__all__ = [
+    "align_slices",
+    "integrate_slices",
+    "interpolate_slices",
+    "spatial_domains",
+    "transfer_labels",
+]

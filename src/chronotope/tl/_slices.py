@@ -50,6 +50,7 @@ def align_slices(
     n_top_genes: int = 3000,
     n_comps: int = 30,
     center_slices: bool = False,
+    nonrigid: float | None = None,
     seed: int = 0,
     device: str = "cpu",
     key_added: str = "spatial_aligned",
@@ -81,6 +82,13 @@ def align_slices(
         See :func:`chronotope.slices.align_pair`.
     n_top_genes, n_comps, center_slices
         Joint features (see :func:`chronotope.slices.shared_features`).
+    nonrigid
+        ``None`` (default): rigid alignment only. A number: after the rigid step, each
+        moving slice also gets a smooth displacement field fitted to its plan
+        (:func:`chronotope.slices.fit_displacement`) with this smoothness in spot
+        spacings (2 is a good start; larger is smoother); the field is written to
+        ``obsm[key_added + "_displacement"]`` and ``obsm[key_added]`` holds the rigid
+        positions plus the field.
     seed, device
         Seed (PCA, patches); torch device.
     key_added
@@ -95,7 +103,8 @@ def align_slices(
     (``reference``, ``policy``, the transform to the reference frame, the ``partner``
     slice index and the ``plan`` with rows = the partner's spots and columns = this
     slice's spots, a sparse matrix that survives h5ad round trips; the reference has no
-    plan). For one AnnData with ``batch_key``: ``obsm[key_added]``, the plans as blocks
+    plan; with ``nonrigid`` also ``obsm[key_added + "_displacement"]``). For one AnnData
+    with ``batch_key``: ``obsm[key_added]`` (and the displacement), the plans as blocks
     of ``obsp["alignment_plan"]`` (rows = partner spots, columns = moving spots), and
     ``uns["alignment"]`` with the transforms by slice name. Nothing else is changed.
     """
@@ -117,6 +126,8 @@ def align_slices(
         raise ChronotopeInputError(f"reference {reference} is not a slice index (0..{n - 1})")
     if policy not in ("sequential", "star"):
         raise ChronotopeInputError(f"policy must be 'sequential' or 'star', got {policy!r}")
+    if nonrigid is not None and not (np.isfinite(nonrigid) and nonrigid >= 0):
+        raise ChronotopeInputError(f"nonrigid must be None or a smoothness >= 0, got {nonrigid}")
     coords = []
     for i, a in enumerate(slices):
         if spatial_key not in a.obsm:
@@ -124,7 +135,7 @@ def align_slices(
         coords.append(check_coordinates(a.obsm[spatial_key], a.n_obs, f"slice {names[i]}"))
         check_counts(a.X if layer is None else a.layers[layer], f"slice {names[i]} counts")
 
-    from chronotope.slices import align_pair, shared_features
+    from chronotope.slices import align_pair, fit_displacement, shared_features
     from chronotope.slices.rigid import RigidTransform
 
     feats = shared_features(
@@ -158,11 +169,21 @@ def align_slices(
         seed=seed,
         device=device,
     )
+    final = {reference: coords[reference].astype(float)}
+    shift = {reference: np.zeros_like(final[reference])}
     for partner, moving in pairs:
         res = align_pair(feats[partner], coords[partner], feats[moving], coords[moving], **kwargs)
         to_ref[moving] = res.transform.compose(to_ref[partner])
         results[moving] = (partner, res)
         plans.append(res.plan)
+        final[moving] = to_ref[moving].apply(coords[moving])
+        shift[moving] = np.zeros_like(final[moving])
+        if nonrigid is not None:
+            # the partner is already placed (sequential pairs run from the reference out)
+            shift[moving] = fit_displacement(
+                final[partner], final[moving], res.plan, smoothness=nonrigid
+            )
+            final[moving] = final[moving] + shift[moving]
         logger.info(
             "aligned slice %s onto %s: %.1f deg, kept mass %.3f",
             names[moving],
@@ -179,11 +200,14 @@ def align_slices(
         "tau": tau,
         "n_patches": n_patches,
         "n_candidates": n_candidates,
+        "nonrigid": -1.0 if nonrigid is None else float(nonrigid),
         "seconds": time.perf_counter() - t_start,
     }
     if joint is None:
         for i, a in enumerate(slices):
-            a.obsm[key_added] = to_ref[i].apply(coords[i])
+            a.obsm[key_added] = final[i]
+            if nonrigid is not None:
+                a.obsm[f"{key_added}_displacement"] = shift[i]
             entry: dict[str, Any] = {"params": params, "transform": to_ref[i].to_dict()}
             if i in results:
                 partner, res = results[i]
@@ -191,15 +215,19 @@ def align_slices(
             a.uns["alignment"] = entry
         return plans
     aligned = np.zeros((joint.n_obs, d))
+    displacement = np.zeros((joint.n_obs, d))
     blocks = []
     for i in range(n):
-        aligned[index[i]] = to_ref[i].apply(coords[i])
+        aligned[index[i]] = final[i]
+        displacement[index[i]] = shift[i]
         if i in results:
             partner, res = results[i]
             coo = res.plan.tocoo()
             blocks.append((index[partner][coo.row], index[i][coo.col], coo.data))
     rows, cols, vals = (np.concatenate(x) for x in zip(*blocks, strict=True))
     joint.obsm[key_added] = aligned
+    if nonrigid is not None:
+        joint.obsm[f"{key_added}_displacement"] = displacement
     joint.obsp["alignment_plan"] = sp.csr_matrix(
         (vals, (rows, cols)), shape=(joint.n_obs, joint.n_obs)
     )
