@@ -1,0 +1,27 @@
+"""Dynamics from time-series snapshots (arrays in, arrays out).
+
+- :func:`snapshot_couplings` -- unbalanced entropic couplings between consecutive time
+  points (chunked beyond a few thousand cells), pairs drawn from the plans, per-cell growth
+  targets.
+- :class:`DynamicsModel` -- velocity, growth and potential (landscape) networks trained
+  simulation-free (Brownian-bridge flow and score matching on the coupled pairs); weighted
+  particle simulation forward and backward, ODE or SDE; ``save`` / ``load``.
+- :class:`GeneMap` -- the explicit linear map from the representation back to genes.
+"""
+
+from __future__ import annotations
+
+from chronotope.dynamics._validate import check_snapshots
+from chronotope.dynamics.couplings import IntervalCoupling, SnapshotCouplings, snapshot_couplings
+from chronotope.dynamics.model import DynamicsModel, DynamicsParams, GeneMap, SimulationResult
+
+__all__ = [
+    "DynamicsModel",
+    "DynamicsParams",
+    "GeneMap",
+    "IntervalCoupling",
+    "SimulationResult",
+    "SnapshotCouplings",
+    "check_snapshots",
+    "snapshot_couplings",
+]

@@ -1,0 +1,363 @@
+r"""Unbalanced entropic couplings between consecutive snapshots, computed once per fit.
+
+For consecutive time points :math:`t_k < t_{k+1}` with cells :math:`x_i` and :math:`y_j`,
+the plan :math:`P` solves the unbalanced entropic problem of :class:`chronotope.ot.LinearProblem`
+
+.. math::
+
+    \min_{P \ge 0} \langle C, P\rangle + \varepsilon_k \mathrm{KL}(P \,|\, a b^\top)
+    + \rho_a \mathrm{KL}(P\mathbf 1 \,|\, a) + \rho_b \mathrm{KL}(P^\top\mathbf 1 \,|\, b),
+    \qquad C_{ij} = |x_i - y_j|^2,
+
+solved by :class:`chronotope.ot.Sinkhorn`. Masses:
+
+* every cell of time point :math:`k` carries :math:`c_i = M_k / n_k`, where the relative
+  population sizes :math:`M_k` default to the cell counts (:math:`M_k = n_k / n_0`) or are
+  given by the user;
+* the source prior is the mass the cell is expected to have at :math:`t_{k+1}`:
+  :math:`a_i = c_i \exp(\bar g_i \Delta t_k)` with :math:`\bar g_i` the user's growth prior of
+  the cell, or the population rate :math:`\log(M_{k+1}/M_k)/\Delta t_k` when none is given
+  (then :math:`\sum a = \sum b` and ``tau_a = tau_b = 1`` is balanced OT with uniform growth);
+* :math:`b_j = M_{k+1} / n_{k+1}`.
+
+The **growth target** of a source cell is the log ratio of the mass it sends (the row sum
+of the plan, :math:`r_i`) to the mass it has, per unit time:
+:math:`g_i = \log(r_i / c_i) / \Delta t_k`.
+
+**Entropy and diffusion.** The entropic plan with squared Euclidean cost and
+:math:`\varepsilon_k = 2\sigma^2\Delta t_k` is the static Schrödinger bridge for Brownian
+motion :math:`\sigma\,dW` over :math:`\Delta t_k` (equivalently :math:`\varepsilon = \sigma^2
+\Delta t` for the cost :math:`\tfrac12|x-y|^2`). One :math:`\sigma` is used for all
+intervals, so the couplings and the bridges the model trains on describe the same noise.
+When :math:`\sigma` is not given it is set from ``epsilon``, a fraction of the cost scale:
+:math:`\sigma^2 = \mathrm{median}_k\, \epsilon\, \bar C_k / (2\Delta t_k)` with
+:math:`\bar C_k` the mean cost of interval :math:`k`.
+
+**Scale.** Pairs with at most ``batch_size`` cells on each side are solved in one block.
+Larger ones are cut into random blocks (cells of both time points shuffled and split into
+the same number of near-equal parts, the target part's mass set to the source part's share
+of :math:`M_{k+1}`); each block is a dense ``batch_size``-sized problem, so memory grows as
+``batch_size**2``, never as :math:`n_k n_{k+1}`. ``n_rounds`` repeats the split with fresh
+shuffles; growth targets average the log ratios over rounds. Training pairs are drawn from
+each block's plan in proportion to its entries (blocks in proportion to their mass), so the
+pair pool has the plan's distribution without the plan ever being held whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time as _time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_rng
+from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
+from chronotope.ot import LinearProblem, PointCloud, Sinkhorn
+
+__all__ = ["IntervalCoupling", "SnapshotCouplings", "snapshot_couplings"]
+
+logger = logging.getLogger("chronotope")
+
+
+@dataclass(frozen=True)
+class IntervalCoupling:
+    """Coupling of one interval ``[t0, t1]`` between consecutive time points.
+
+    Attributes
+    ----------
+    t0, t1
+        The two time points.
+    source, target
+        Global indices (rows of the input ``x``) of the cells at ``t0`` and ``t1``.
+    pairs
+        ``(n_pairs, 2)`` global indices ``(source cell, target cell)`` drawn from the plan.
+    mass
+        ``(n_source,)`` mass each source cell has at ``t0`` (``M_k / n_k``).
+    prior
+        ``(n_source,)`` source marginal ``a`` of the problem (expected mass at ``t1``).
+    row_mass
+        ``(n_source,)`` mass each source cell sends (plan row sums; geometric mean over
+        rounds).
+    growth
+        ``(n_source,)`` growth targets ``log(row_mass / mass) / (t1 - t0)``.
+    epsilon
+        Absolute entropic regularisation, in squared representation units.
+    n_blocks
+        Blocks per round.
+    converged
+        Whether every block's Sinkhorn solve reached ``tol``.
+    seconds
+        Wall time of the solves and the pair draws.
+    """
+
+    t0: float
+    t1: float
+    source: np.ndarray
+    target: np.ndarray
+    pairs: np.ndarray
+    mass: np.ndarray
+    prior: np.ndarray
+    row_mass: np.ndarray
+    growth: np.ndarray
+    epsilon: float
+    n_blocks: int
+    converged: bool
+    seconds: float
+
+    @property
+    def dt(self) -> float:
+        """Length of the interval."""
+        return self.t1 - self.t0
+
+
+@dataclass(frozen=True)
+class SnapshotCouplings:
+    """Couplings of all consecutive time points.
+
+    Attributes
+    ----------
+    times
+        Sorted distinct time points, ``(T,)``.
+    masses
+        Relative population size ``M_k`` of each time point, ``(T,)``.
+    sigma
+        Diffusion coefficient (``dX = v dt + sigma dW``), in representation units per
+        square root of time; ``epsilon_k = 2 sigma^2 dt_k``.
+    intervals
+        One :class:`IntervalCoupling` per consecutive pair.
+    growth
+        ``(n,)`` growth target of every cell (NaN for the cells of the last time point).
+    """
+
+    times: np.ndarray
+    masses: np.ndarray
+    sigma: float
+    intervals: tuple[IntervalCoupling, ...]
+    growth: np.ndarray
+
+    @property
+    def diffusion(self) -> float:
+        """``D = sigma^2 / 2``."""
+        return 0.5 * self.sigma**2
+
+
+def _mean_sqcost(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean of ``|x_i - y_j|^2`` over all pairs, in O((n + m) d)."""
+    mx, my = x.mean(0), y.mean(0)
+    return float((x * x).sum(1).mean() + (y * y).sum(1).mean() - 2.0 * mx @ my)
+
+
+def _split(idx: np.ndarray, n_blocks: int, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(idx), n_blocks)
+
+
+def _draw_pairs(plan: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Draw ``n`` index pairs with probability proportional to the entries of ``plan``."""
+    cdf = np.cumsum(plan, axis=None, dtype=np.float64)
+    flat = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
+    flat = np.minimum(flat, plan.size - 1)
+    return np.divmod(flat, plan.shape[1])
+
+
+def _resolve_masses(masses: np.ndarray | list[float] | None, counts: np.ndarray) -> np.ndarray:
+    if masses is None:
+        return counts / counts[0]
+    m = np.asarray(masses, dtype=np.float64)
+    if m.shape != counts.shape:
+        raise ChronotopeInputError(
+            f"masses must give one relative population size per time point ({counts.size}), "
+            f"got shape {m.shape}."
+        )
+    if not (np.isfinite(m).all() and (m > 0).all()):
+        raise ChronotopeInputError("masses must be positive and finite.")
+    return m
+
+
+def snapshot_couplings(
+    x: np.ndarray,
+    time: np.ndarray,
+    *,
+    masses: np.ndarray | list[float] | None = None,
+    growth_prior: np.ndarray | None = None,
+    epsilon: float = 0.05,
+    sigma: float | None = None,
+    tau_a: float = 0.99,
+    tau_b: float = 1.0,
+    batch_size: int = 4096,
+    n_rounds: int = 1,
+    n_pairs: int | None = None,
+    max_iter: int = 2000,
+    tol: float = 1e-5,
+    lse_mode: bool | str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
+    min_cells: int = MIN_CELLS,
+    seed: int | np.random.Generator | None = 0,
+) -> SnapshotCouplings:
+    """Unbalanced entropic couplings between consecutive snapshots and growth targets.
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` cells in the representation.
+    time
+        ``(n,)`` numeric time of each cell.
+    masses
+        Relative population size of each time point (sorted order), ``(T,)``. ``None``:
+        the cell counts, i.e. cells are sampled in proportion to the population.
+    growth_prior
+        ``(n,)`` prior growth rate of each cell (per unit time, e.g. from proliferation
+        scores); it sets the source marginal ``a``. ``None``: the population rate.
+    epsilon
+        Entropic regularisation as a fraction of the mean cost of each interval; used to
+        set ``sigma`` when ``sigma`` is ``None`` (see the module notes).
+    sigma
+        Diffusion coefficient; ``epsilon_k = 2 sigma^2 dt_k``. Overrides ``epsilon``.
+    tau_a, tau_b
+        Unbalancedness of the source and target marginals (1 is a hard constraint). The
+        default keeps the observed target population exactly and lets source cells send
+        more or less mass than their prior: that difference is the growth.
+    batch_size
+        Largest number of cells per side solved in one dense block.
+    n_rounds
+        Random block splits per interval (only matters beyond ``batch_size`` cells).
+    n_pairs
+        Pairs drawn per interval; default ``max(20000, 4 * max(n_k, n_{k+1}))``.
+    max_iter, tol, lse_mode
+        Passed to :class:`chronotope.ot.Sinkhorn` (``tol`` is the L1 marginal error, in the
+        units of the masses, which sum to ``M_k``). ``lse_mode="auto"`` iterates on
+        log-domain potentials with Schmitzer's absorption (one kernel product per update,
+        falling back to pure log-sum-exp updates if anything turns non-finite); ``True``
+        uses log-sum-exp updates throughout (exact, several times slower).
+    dtype, device
+        Precision and device of the solves.
+    min_cells
+        Fewest cells allowed per time point.
+    seed
+        Seed of the block splits and the pair draws.
+
+    Returns
+    -------
+    SnapshotCouplings
+    """
+    x, t, times = check_snapshots(x, time, min_cells=min_cells)
+    if batch_size < 2 or n_rounds < 1:
+        raise ChronotopeInputError("batch_size must be >= 2 and n_rounds >= 1.")
+    if epsilon <= 0 and sigma is None:
+        raise ChronotopeInputError(f"epsilon must be positive, got {epsilon}.")
+    if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
+        raise ChronotopeInputError(f"sigma must be positive and finite, got {sigma}.")
+    if growth_prior is not None:
+        growth_prior = np.asarray(growth_prior, dtype=np.float64)
+        if growth_prior.shape != t.shape or not np.isfinite(growth_prior).all():
+            raise ChronotopeInputError(
+                f"growth_prior must hold one finite rate per cell ({t.size}), got shape "
+                f"{growth_prior.shape}."
+            )
+    rng = resolve_rng(seed)
+    groups = [np.flatnonzero(t == v) for v in times]
+    counts = np.array([g.size for g in groups], dtype=np.float64)
+    mass_k = _resolve_masses(masses, counts)
+    dts = np.diff(times)
+    if sigma is None:
+        mean_costs = np.array(
+            [_mean_sqcost(x[groups[k]], x[groups[k + 1]]) for k in range(len(dts))]
+        )
+        sigma = float(math.sqrt(np.median(epsilon * mean_costs / (2.0 * dts))))
+    growth = np.full(t.shape, np.nan)
+    intervals = []
+    for k, dt in enumerate(dts):
+        tic = _time.perf_counter()
+        src, tgt = groups[k], groups[k + 1]
+        eps = 2.0 * sigma**2 * float(dt)
+        current = np.full(src.size, mass_k[k] / src.size)
+        rate = (
+            growth_prior[src]
+            if growth_prior is not None
+            else np.full(src.size, math.log(mass_k[k + 1] / mass_k[k]) / dt)
+        )
+        prior = current * np.exp(rate * dt)
+        b_all = np.full(tgt.size, mass_k[k + 1] / tgt.size)
+        n_blocks = max(1, math.ceil(max(src.size, tgt.size) / batch_size))
+        rounds = n_rounds if n_blocks > 1 else 1
+        n_draw = n_pairs or max(20000, 4 * max(src.size, tgt.size))
+        pos = np.empty(t.size, dtype=np.int64)
+        pos[src] = np.arange(src.size)
+        pos[tgt] = np.arange(tgt.size)
+        log_ratio = np.zeros(src.size)
+        converged = True
+        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        block_mass: list[float] = []
+        for _ in range(rounds):
+            parts_a = _split(src, n_blocks, rng)
+            parts_b = _split(tgt, n_blocks, rng)
+            for ia, ib in zip(parts_a, parts_b, strict=True):
+                a_blk = prior[pos[ia]]
+                b_blk = b_all[pos[ib]]
+                # The target part carries the source part's share of M_{k+1}.
+                b_blk = b_blk * (mass_k[k + 1] * ia.size / src.size) / b_blk.sum()
+                geom = PointCloud(x[ia], x[ib], dtype=dtype, device=device)
+                prob = LinearProblem(geom, a_blk, b_blk, tau_a=tau_a, tau_b=tau_b)
+                out = Sinkhorn(
+                    epsilon=eps, max_iter=max_iter, tol=tol, lse_mode=lse_mode, warn=False
+                )(prob)
+                converged &= bool(out.converged)
+                with torch.no_grad():
+                    plan = out.dense_plan().cpu().numpy()
+                rows = plan.sum(1)
+                log_ratio[pos[ia]] += np.log(np.maximum(rows, 1e-300) / current[pos[ia]])
+                pieces.append((ia, ib, plan))
+                block_mass.append(float(rows.sum()))
+        log_ratio /= rounds
+        share = np.asarray(block_mass) / np.sum(block_mass)
+        per_block = rng.multinomial(n_draw, share)
+        pairs = np.empty((n_draw, 2), dtype=np.int64)
+        at = 0
+        for (ia, ib, plan), n_b in zip(pieces, per_block, strict=True):
+            if n_b == 0:
+                continue
+            r, c = _draw_pairs(plan, int(n_b), rng)
+            pairs[at : at + n_b, 0] = ia[r]
+            pairs[at : at + n_b, 1] = ib[c]
+            at += n_b
+        pairs = pairs[rng.permutation(n_draw)]
+        del pieces
+        g = log_ratio / dt
+        growth[src] = g
+        if not converged:
+            logger.warning(
+                "dynamics couplings: Sinkhorn did not reach tol=%g on interval %g -> %g "
+                "(max_iter=%d); the plan is used as is.",
+                tol,
+                times[k],
+                times[k + 1],
+                max_iter,
+            )
+        intervals.append(
+            IntervalCoupling(
+                t0=float(times[k]),
+                t1=float(times[k + 1]),
+                source=src,
+                target=tgt,
+                pairs=pairs,
+                mass=current,
+                prior=prior,
+                row_mass=current * np.exp(log_ratio),
+                growth=g,
+                epsilon=eps,
+                n_blocks=n_blocks,
+                converged=converged,
+                seconds=_time.perf_counter() - tic,
+            )
+        )
+    return SnapshotCouplings(
+        times=times,
+        masses=mass_k,
+        sigma=float(sigma),
+        intervals=tuple(intervals),
+        growth=growth,
+    )

@@ -1,0 +1,795 @@
+r"""Velocity, growth and landscape from time-series snapshots, trained without simulation.
+
+The population is modelled as a stochastic process with growth (regularised unbalanced
+OT / Schrödinger bridge with mass):
+
+.. math::
+
+    dX = \big(v(X,t) + D\,\nabla\log p_t(X)\big)\,dt + \sigma\,dW, \qquad
+    \frac{dw}{dt} = g(X,t)\,w, \qquad D = \sigma^2/2,
+
+where :math:`v` is the probability-flow (ODE) velocity, :math:`\nabla \log p_t` the score
+of the (mass-normalised) density, and :math:`w` the mass of a particle. Three networks
+are learned, all taking ``(x, t)``:
+
+* ``v``: the velocity;
+* ``g``: the growth rate;
+* ``U``: a scalar potential with score :math:`s = -\nabla_x U`, so the score field is
+  curl-free by construction and :math:`U(x,t)` *is* the landscape
+  (:math:`-\log p_t(x)` up to a constant in time).
+
+**Training (simulation-free).** :func:`~chronotope.dynamics.snapshot_couplings` couples
+consecutive snapshots once (unbalanced entropic OT with :math:`\varepsilon_k = 2\sigma^2
+\Delta t_k`) and draws pairs :math:`(x_0, x_1)` from the plans. For a pair and
+:math:`s \sim U(0,1)`, :math:`t = t_k + s\Delta t`, the Brownian bridge of :math:`\sigma\,dW`
+pinned at both ends has
+
+.. math::
+
+    x_t = (1-s)x_0 + s x_1 + \sigma_t\,\xi,\quad \sigma_t^2 = \sigma^2 \Delta t\, s(1-s),
+    \quad \xi \sim N(0, I),
+
+conditional probability-flow velocity
+:math:`u_t = (x_1 - x_0)/\Delta t + \frac{1-2s}{2 s(1-s)\Delta t}(x_t - \mu_t)` and
+conditional score :math:`-\xi/\sigma_t`. The losses (SF2M, Tong et al. 2024) are
+
+.. math::
+
+    \|v(x_t,t) - u_t\|^2 + \lambda_s\|\sigma_t\, s(x_t,t) + \xi\|^2
+    + \lambda_g\,(g(x_t,t) - g_i)^2,
+
+with :math:`g_i` the growth target of the source cell (the log ratio of the mass the plan
+sends from it to the mass it has, per unit time). Because the plan is the static
+Schrödinger bridge for the same :math:`\sigma`, the marginals of the mixture of bridges
+are those of the dynamic bridge (the entropic consistency :math:`\varepsilon = \sigma^2\Delta
+t` for the cost :math:`\tfrac12|x-y|^2`).
+
+Networks work in standardised units (cells centred, divided by one scalar scale; time
+mapped to ``[0, 1]``); every public method takes and returns representation units and
+real time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time as _time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_device
+from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
+from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
+
+__all__ = ["DynamicsModel", "DynamicsParams", "GeneMap", "SimulationResult"]
+
+logger = logging.getLogger("chronotope")
+
+_WEIGHTS = "weights.pt"
+_CONFIG = "config.json"
+_GENES = "gene_map.npz"
+_FORMAT = 1
+# Bridge times are drawn from [_S_MIN, 1 - _S_MIN]: the conditional velocity grows as
+# 1/sqrt(s) at the ends.
+_S_MIN = 1e-3
+
+
+@dataclass(frozen=True)
+class DynamicsParams:
+    """Hyperparameters of :class:`DynamicsModel`.
+
+    Parameters
+    ----------
+    hidden
+        Width of the hidden layers of each network.
+    n_layers
+        Hidden layers per network.
+    n_steps
+        Optimisation steps.
+    batch_size
+        Bridge samples per step (split evenly between the intervals).
+    learning_rate
+        Adam learning rate (cosine decay to 5 % of it over ``n_steps``).
+    score_weight, growth_weight
+        Weights of the score-matching and growth losses against flow matching.
+    epsilon
+        Entropic regularisation as a fraction of each interval's mean squared distance,
+        used to set ``sigma`` when ``sigma`` is ``None``.
+    sigma
+        Diffusion coefficient in representation units per square root of time;
+        ``epsilon_k = 2 sigma^2 dt_k``.
+    tau_a, tau_b
+        Unbalancedness of the couplings (source relaxed, target kept by default).
+    coupling_batch_size
+        Largest block (cells per side) of a coupling solve.
+    n_rounds
+        Random block splits per interval beyond ``coupling_batch_size`` cells.
+    n_pairs
+        Pairs drawn from each plan (``None``: ``max(20000, 4 max(n_k, n_{k+1}))``).
+    min_cells
+        Fewest cells a time point may have.
+    seed
+        Seed of the couplings, the weight initialisation and the training samples.
+    """
+
+    hidden: int = 128
+    n_layers: int = 3
+    n_steps: int = 3000
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    score_weight: float = 1.0
+    growth_weight: float = 1.0
+    epsilon: float = 0.05
+    sigma: float | None = None
+    tau_a: float = 0.99
+    tau_b: float = 1.0
+    coupling_batch_size: int = 4096
+    n_rounds: int = 1
+    n_pairs: int | None = None
+    min_cells: int = MIN_CELLS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "n_layers", "n_steps", "batch_size", "n_rounds"):
+            if int(getattr(self, name)) < 1:
+                raise ChronotopeInputError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("learning_rate", "epsilon"):
+            if not getattr(self, name) > 0:
+                raise ChronotopeInputError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.score_weight < 0 or self.growth_weight < 0:
+            raise ChronotopeInputError("score_weight and growth_weight must be >= 0.")
+        if self.sigma is not None and not self.sigma > 0:
+            raise ChronotopeInputError(f"sigma must be > 0, got {self.sigma}.")
+
+
+@dataclass(frozen=True)
+class GeneMap:
+    """Linear map between the representation and genes: ``genes = x @ loadings.T + center``.
+
+    Parameters
+    ----------
+    loadings
+        ``(n_genes, d)``, e.g. ``adata.varm["PCs"]``.
+    center
+        ``(n_genes,)`` gene means removed before the projection (``None``: zeros).
+    var_names
+        Gene names, ``n_genes`` of them.
+    """
+
+    loadings: np.ndarray
+    center: np.ndarray | None = None
+    var_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.loadings, dtype=np.float64)
+        if w.ndim != 2 or not np.isfinite(w).all():
+            raise ChronotopeInputError("loadings must be a finite 2-D array (genes x d).")
+        object.__setattr__(self, "loadings", w)
+        if self.center is not None:
+            c = np.asarray(self.center, dtype=np.float64).ravel()
+            if c.shape[0] != w.shape[0]:
+                raise ChronotopeInputError(
+                    f"center has {c.shape[0]} genes but loadings have {w.shape[0]}."
+                )
+            object.__setattr__(self, "center", c)
+        if self.var_names is not None:
+            names = [str(v) for v in self.var_names]
+            if len(names) != w.shape[0]:
+                raise ChronotopeInputError(
+                    f"{len(names)} var_names for {w.shape[0]} rows of loadings."
+                )
+            object.__setattr__(self, "var_names", names)
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes."""
+        return self.loadings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the representation."""
+        return self.loadings.shape[1]
+
+    def to_genes(self, x: np.ndarray) -> np.ndarray:
+        """Map ``(n, d)`` points to ``(n, n_genes)`` expression."""
+        out = np.asarray(x, dtype=np.float64) @ self.loadings.T
+        return out if self.center is None else out + self.center
+
+    def to_rep(self, genes: np.ndarray) -> np.ndarray:
+        """Project ``(n, n_genes)`` expression to the representation (least squares)."""
+        g = np.asarray(genes, dtype=np.float64)
+        if self.center is not None:
+            g = g - self.center
+        return np.linalg.lstsq(self.loadings, g.T, rcond=None)[0].T
+
+    def vectors_to_genes(self, v: np.ndarray) -> np.ndarray:
+        """Map tangent vectors (velocities) ``(n, d)`` to genes (no centre)."""
+        return np.asarray(v, dtype=np.float64) @ self.loadings.T
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Weighted particles at the requested times.
+
+    Attributes
+    ----------
+    times
+        ``(k,)`` times, in the direction of the simulation.
+    x
+        ``(k, n, d)`` particle positions in the representation.
+    weights
+        ``(k, n)`` particle masses (growth applied along each path).
+    """
+
+    times: np.ndarray
+    x: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def final(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and masses at the last time."""
+        return self.x[-1], self.weights[-1]
+
+
+def _mlp(d_in: int, d_out: int, hidden: int, n_layers: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = d_in
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    layers.append(nn.Linear(width, d_out))
+    return nn.Sequential(*layers)
+
+
+class _Networks(nn.Module):
+    """Velocity, growth and potential networks on ``(z, tau)`` (standardised units)."""
+
+    def __init__(self, dim: int, hidden: int, n_layers: int) -> None:
+        super().__init__()
+        self.velocity = _mlp(dim + 1, dim, hidden, n_layers)
+        self.growth = _mlp(dim + 1, 1, hidden, n_layers)
+        self.potential = _mlp(dim + 1, 1, hidden, n_layers)
+
+    @staticmethod
+    def _cat(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z, tau.expand(z.shape[0], 1)], 1)
+
+    def v(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return self.velocity(self._cat(z, tau))
+
+    def g(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return self.growth(self._cat(z, tau))[:, 0]
+
+    def u(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return self.potential(self._cat(z, tau))[:, 0]
+
+    def score(
+        self, z: torch.Tensor, tau: torch.Tensor, *, create_graph: bool = False
+    ) -> torch.Tensor:
+        """``-grad_z U``; works under ``no_grad`` too."""
+        with torch.enable_grad():
+            zz = z if z.requires_grad else z.detach().requires_grad_(True)
+            pot = self.u(zz, tau)
+            (grad,) = torch.autograd.grad(pot.sum(), zz, create_graph=create_graph)
+        return -grad
+
+
+@dataclass
+class _Frame:
+    """Standardisation: ``z = (x - shift) / scale``, ``tau = (t - t_min) / t_span``."""
+
+    shift: np.ndarray
+    scale: float
+    t_min: float
+    t_span: float
+
+    def z(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.shift) / self.scale
+
+    def x(self, z: np.ndarray) -> np.ndarray:
+        return z * self.scale + self.shift
+
+    def tau(self, t: float) -> float:
+        return (t - self.t_min) / self.t_span
+
+
+@dataclass
+class _History:
+    loss: list[float] = field(default_factory=list)
+    flow: list[float] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+    growth: list[float] = field(default_factory=list)
+
+
+class DynamicsModel:
+    """Velocity, growth and potential (landscape) learned from time-series snapshots.
+
+    Parameters
+    ----------
+    params
+        Hyperparameters; keyword arguments override single fields
+        (``DynamicsModel(n_steps=1000)``).
+    use_rep
+        Name of the representation the model works in (an ``obsm`` key or ``"X"``);
+        recorded and checked on :meth:`load`.
+    gene_map
+        Optional linear map back to genes (e.g. PCA loadings).
+    device
+        Torch device for training and simulation (``None``: CUDA if available).
+    **overrides
+        Fields of :class:`DynamicsParams`.
+
+    Examples
+    --------
+    >>> model = DynamicsModel(use_rep="X_pca").fit(x, time)
+    >>> res = model.simulate(x[time == 0], 0.0, 2.0, method="sde", seed=0)
+    >>> x2, w2 = res.final
+    """
+
+    def __init__(
+        self,
+        params: DynamicsParams | None = None,
+        *,
+        use_rep: str = "X",
+        gene_map: GeneMap | None = None,
+        device: str | torch.device | None = "cpu",
+        **overrides: object,
+    ) -> None:
+        base = params or DynamicsParams()
+        self.params = DynamicsParams(**{**asdict(base), **overrides}) if overrides else base
+        self.use_rep = str(use_rep)
+        self.gene_map = gene_map
+        self.device = resolve_device(device)
+        self.networks: _Networks | None = None
+        self.dim: int | None = None
+        self.sigma_: float | None = None
+        self.times_: np.ndarray | None = None
+        self.masses_: np.ndarray | None = None
+        self.couplings_: SnapshotCouplings | None = None
+        self.history_: dict[str, np.ndarray] = {}
+        self.timings_: dict[str, float] = {}
+        self._frame: _Frame | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        x: np.ndarray,
+        time: np.ndarray,
+        *,
+        masses: np.ndarray | list[float] | None = None,
+        growth_prior: np.ndarray | None = None,
+        progress: bool = False,
+    ) -> DynamicsModel:
+        """Couple consecutive snapshots and train the three networks.
+
+        Parameters
+        ----------
+        x
+            ``(n, d)`` cells in the representation ``use_rep``.
+        time
+            ``(n,)`` numeric time of each cell.
+        masses
+            Relative population size per time point (default: cell counts).
+        growth_prior
+            ``(n,)`` prior growth rate per cell (see
+            :func:`~chronotope.dynamics.snapshot_couplings`).
+        progress
+            Show a progress bar over the optimisation steps.
+
+        Returns
+        -------
+        DynamicsModel
+            ``self``, fitted.
+        """
+        p = self.params
+        x, t, times = check_snapshots(
+            x, time, min_cells=p.min_cells, name=f"representation {self.use_rep!r}"
+        )
+        if self.gene_map is not None and self.gene_map.dim != x.shape[1]:
+            raise ChronotopeInputError(
+                f"gene_map has {self.gene_map.dim} components but {self.use_rep!r} has "
+                f"{x.shape[1]} dimensions."
+            )
+        tic = _time.perf_counter()
+        cpl = snapshot_couplings(
+            x,
+            t,
+            masses=masses,
+            growth_prior=growth_prior,
+            epsilon=p.epsilon,
+            sigma=p.sigma,
+            tau_a=p.tau_a,
+            tau_b=p.tau_b,
+            batch_size=p.coupling_batch_size,
+            n_rounds=p.n_rounds,
+            n_pairs=p.n_pairs,
+            min_cells=p.min_cells,
+            seed=p.seed,
+        )
+        self.timings_ = {"couplings": _time.perf_counter() - tic}
+        tic = _time.perf_counter()
+        shift = x.mean(0)
+        scale = float(np.sqrt(((x - shift) ** 2).sum(1).mean() / x.shape[1])) or 1.0
+        frame = _Frame(shift, scale, float(times[0]), float(times[-1] - times[0]))
+        self._frame, self.dim = frame, x.shape[1]
+        self.sigma_, self.times_, self.masses_ = cpl.sigma, times, cpl.masses
+        self.couplings_ = cpl
+        self._train(frame.z(x), cpl, progress)
+        self.timings_["training"] = _time.perf_counter() - tic
+        return self
+
+    def _train(self, z_np: np.ndarray, cpl: SnapshotCouplings, progress: bool) -> None:
+        p, frame, dev = self.params, self._require_frame(), self.device
+        dim = z_np.shape[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            nets = _Networks(dim, p.hidden, p.n_layers).to(dev)
+        gen = torch.Generator(device="cpu").manual_seed(p.seed + 1)
+        z_all = torch.as_tensor(z_np, dtype=torch.float32, device=dev)
+        g_all = torch.as_tensor(
+            np.nan_to_num(cpl.growth) * frame.t_span, dtype=torch.float32, device=dev
+        )
+        sig_z = cpl.sigma * math.sqrt(frame.t_span) / frame.scale
+        pools = [torch.as_tensor(iv.pairs, device=dev) for iv in cpl.intervals]
+        tau0 = torch.tensor(
+            [frame.tau(iv.t0) for iv in cpl.intervals], dtype=torch.float32, device=dev
+        )
+        dtau = torch.tensor(
+            [iv.dt / frame.t_span for iv in cpl.intervals], dtype=torch.float32, device=dev
+        )
+        n_int = len(pools)
+        per = max(1, p.batch_size // n_int)
+        opt = torch.optim.Adam(nets.parameters(), lr=p.learning_rate)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=p.n_steps, eta_min=0.05 * p.learning_rate
+        )
+        hist = _History()
+        which = torch.arange(n_int, device=dev).repeat_interleave(per)
+        bar = tqdm(range(p.n_steps), desc="dynamics", disable=not progress, leave=False)
+        for _ in bar:
+            idx = torch.cat(
+                [
+                    pool[torch.randint(pool.shape[0], (per,), generator=gen).to(dev)]
+                    for pool in pools
+                ]
+            )
+            z0, z1 = z_all[idx[:, 0]], z_all[idx[:, 1]]
+            s = (torch.rand(idx.shape[0], 1, generator=gen) * (1 - 2 * _S_MIN) + _S_MIN).to(dev)
+            xi = torch.randn(z0.shape, generator=gen).to(dev)
+            dt = dtau[which][:, None]
+            std = sig_z * torch.sqrt(s * (1 - s) * dt)
+            zt = (1 - s) * z0 + s * z1 + std * xi
+            tau = tau0[which][:, None] + s * dt
+            target_v = (z1 - z0) / dt + sig_z * (1 - 2 * s) / (
+                2 * torch.sqrt(s * (1 - s) * dt)
+            ) * xi
+            inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
+            loss_v = ((nets.velocity(inp) - target_v) ** 2).sum(1).mean()
+            loss = loss_v
+            loss_s = torch.zeros((), device=dev)
+            if p.score_weight > 0:
+                pot = nets.potential(inp)[:, 0]
+                (grad,) = torch.autograd.grad(pot.sum(), inp, create_graph=True)
+                loss_s = ((std * (-grad[:, :dim]) + xi) ** 2).sum(1).mean()
+                loss = loss + p.score_weight * loss_s
+            loss_g = ((nets.growth(inp.detach())[:, 0] - g_all[idx[:, 0]]) ** 2).mean()
+            loss = loss + p.growth_weight * loss_g
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist.loss.append(float(loss.detach()))
+            hist.flow.append(float(loss_v.detach()))
+            hist.score.append(float(loss_s.detach()))
+            hist.growth.append(float(loss_g.detach()))
+        nets.eval()
+        self.networks = nets
+        self.history_ = {k: np.asarray(v) for k, v in asdict(hist).items()}
+
+    # ------------------------------------------------------------------ fields
+    def _require_frame(self) -> _Frame:
+        if self._frame is None:
+            raise RuntimeError("the model is not fitted; call fit() or DynamicsModel.load().")
+        return self._frame
+
+    def _require_fit(self) -> tuple[_Networks, _Frame]:
+        frame = self._require_frame()
+        if self.networks is None:
+            raise RuntimeError("the model is not fitted; call fit() or DynamicsModel.load().")
+        return self.networks, frame
+
+    def _points(self, x: np.ndarray) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ChronotopeInputError(
+                f"points must have shape (n, {self.dim}) in representation {self.use_rep!r}, "
+                f"got {tuple(arr.shape)}."
+            )
+        if not np.isfinite(arr).all():
+            raise ChronotopeInputError("points contain NaN or infinite values.")
+        return arr
+
+    def _field(self, x: np.ndarray, t: float, what: str, chunk: int = 65536) -> np.ndarray:
+        nets, frame = self._require_fit()
+        z = torch.as_tensor(frame.z(self._points(x)), dtype=torch.float32, device=self.device)
+        tau = torch.tensor([[frame.tau(float(t))]], dtype=torch.float32, device=self.device)
+        outs = []
+        for start in range(0, z.shape[0], chunk):
+            zb = z[start : start + chunk]
+            with torch.no_grad():
+                if what == "v":
+                    o = nets.v(zb, tau) * (frame.scale / frame.t_span)
+                elif what == "g":
+                    o = nets.g(zb, tau) / frame.t_span
+                elif what == "u":
+                    o = nets.u(zb, tau)
+                else:
+                    o = nets.score(zb, tau) / frame.scale
+            outs.append(o.cpu().numpy().astype(np.float64))
+        return np.concatenate(outs)
+
+    def velocity(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Probability-flow velocity ``v(x, t)``, ``(n, d)``, representation units per time."""
+        return self._field(x, t, "v")
+
+    def growth(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Growth rate ``g(x, t)`` per unit time, ``(n,)``."""
+        return self._field(x, t, "g")
+
+    def score(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Score ``grad log p_t(x) = -grad U(x, t)``, ``(n, d)``."""
+        return self._field(x, t, "s")
+
+    def potential(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Landscape ``U(x, t)`` (``-log p_t(x)`` up to a constant in ``x``), ``(n,)``."""
+        return self._field(x, t, "u")
+
+    def drift(self, x: np.ndarray, t: float) -> np.ndarray:
+        """Full SDE drift ``v + D * score`` with ``D = sigma^2 / 2``, ``(n, d)``."""
+        return self.velocity(x, t) + 0.5 * float(self.sigma_ or 0.0) ** 2 * self.score(x, t)
+
+    # ------------------------------------------------------------------ simulation
+    def simulate(
+        self,
+        x0: np.ndarray,
+        t0: float,
+        t1: float,
+        *,
+        method: Literal["ode", "sde"] = "ode",
+        weights: np.ndarray | None = None,
+        t_eval: np.ndarray | list[float] | None = None,
+        step_size: float | None = None,
+        seed: int | None = 0,
+    ) -> SimulationResult:
+        """Push weighted particles from ``t0`` to ``t1`` (backward when ``t1 < t0``).
+
+        Parameters
+        ----------
+        x0
+            ``(n, d)`` start positions in the representation.
+        t0, t1
+            Start and end times (real units). ``t1 < t0`` runs backward in time:
+            the ODE integrates ``-v``, the SDE is the reverse-time SDE (drift
+            ``-v + D * score``), and masses are divided by their growth (ancestry).
+        method
+            ``"ode"``: probability flow, RK4 (deterministic). ``"sde"``:
+            Euler-Maruyama with drift ``v + D * score`` and noise ``sigma dW``.
+        weights
+            ``(n,)`` start masses; default ``1 / n`` each, so that the total mass at
+            ``t1`` estimates the population size relative to ``t0``.
+        t_eval
+            Times at which to record the particles (between ``t0`` and ``t1``);
+            default ``[t0, t1]``.
+        step_size
+            Integration step in real time; default 1/100 of the training time span.
+        seed
+            Seed of the SDE noise.
+
+        Returns
+        -------
+        SimulationResult
+        """
+        nets, frame = self._require_fit()
+        if method not in ("ode", "sde"):
+            raise ChronotopeInputError(f"method must be 'ode' or 'sde', got {method!r}.")
+        x = self._points(x0)
+        n = x.shape[0]
+        if weights is None:
+            w = np.full(n, 1.0 / n)
+        else:
+            w = np.asarray(weights, dtype=np.float64).ravel()
+            if w.shape[0] != n or not np.isfinite(w).all() or (w < 0).any():
+                raise ChronotopeInputError(f"weights must be {n} finite non-negative values.")
+        t0, t1 = float(t0), float(t1)
+        grid = np.array([t0, t1]) if t_eval is None else np.asarray(t_eval, dtype=np.float64)
+        lo, hi = min(t0, t1), max(t0, t1)
+        if grid.ndim != 1 or ((grid < lo - 1e-12) | (grid > hi + 1e-12)).any():
+            raise ChronotopeInputError(f"t_eval must lie between t0={t0} and t1={t1}.")
+        grid = np.sort(grid) if t1 >= t0 else np.sort(grid)[::-1]
+        h_real = step_size if step_size is not None else frame.t_span / 100.0
+        if not h_real > 0:
+            raise ChronotopeInputError(f"step_size must be > 0, got {step_size}.")
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
+        dev = self.device
+        z = torch.as_tensor(frame.z(x), dtype=torch.float32, device=dev)
+        logw = torch.as_tensor(np.log(np.maximum(w, 1e-300)), dtype=torch.float64, device=dev)
+        zero = torch.as_tensor(w == 0, device=dev)
+        diff_z = 0.5 * (float(self.sigma_) * math.sqrt(frame.t_span) / frame.scale) ** 2
+        sig_z = math.sqrt(2.0 * diff_z)
+        xs, ws, t_now = [], [], t0
+        for t_target in grid:
+            span = t_target - t_now
+            n_steps = math.ceil(abs(span) / h_real - 1e-9) if span != 0 else 0
+            if n_steps:
+                h = (span / n_steps) / frame.t_span
+                tau = frame.tau(t_now)
+                for _ in range(n_steps):
+                    if method == "ode":
+                        z, dlogw = self._rk4(nets, z, tau, h)
+                    else:
+                        z, dlogw = self._em(nets, z, tau, h, diff_z, sig_z, gen)
+                    logw = logw + dlogw.double()
+                    tau += h
+            t_now = float(t_target)
+            xs.append(frame.x(z.cpu().numpy().astype(np.float64)))
+            wt = torch.exp(logw).masked_fill(zero, 0.0)
+            ws.append(wt.cpu().numpy())
+        return SimulationResult(times=grid.copy(), x=np.stack(xs), weights=np.stack(ws))
+
+    @staticmethod
+    def _rk4(
+        nets: _Networks, z: torch.Tensor, tau: float, h: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
+            tt_t = torch.tensor([[tt]], dtype=zz.dtype, device=zz.device)
+            return nets.v(zz, tt_t), nets.g(zz, tt_t)
+
+        with torch.no_grad():
+            k1, g1 = f(z, tau)
+            k2, g2 = f(z + 0.5 * h * k1, tau + 0.5 * h)
+            k3, g3 = f(z + 0.5 * h * k2, tau + 0.5 * h)
+            k4, g4 = f(z + h * k3, tau + h)
+        z_new = z + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return z_new, h / 6.0 * (g1 + 2 * g2 + 2 * g3 + g4)
+
+    @staticmethod
+    def _em(
+        nets: _Networks,
+        z: torch.Tensor,
+        tau: float,
+        h: float,
+        diff_z: float,
+        sig_z: float,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tt = torch.tensor([[tau]], dtype=z.dtype, device=z.device)
+        with torch.no_grad():
+            v = nets.v(z, tt)
+            g = nets.g(z, tt)
+        s = nets.score(z, tt).detach()
+        noise = torch.randn(z.shape, generator=gen).to(z.device)
+        # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
+        z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise
+        return z_new, h * g
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Save the weights, hyperparameters, representation and gene map to folder ``path``."""
+        nets, frame = self._require_fit()
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True.")
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": _FORMAT,
+            "params": asdict(self.params),
+            "use_rep": self.use_rep,
+            "dim": int(self.dim or 0),
+            "sigma": float(self.sigma_ or 0.0),
+            "times": [float(v) for v in np.asarray(self.times_)],
+            "masses": [float(v) for v in np.asarray(self.masses_)],
+            "shift": [float(v) for v in frame.shift],
+            "scale": frame.scale,
+            "t_min": frame.t_min,
+            "t_span": frame.t_span,
+            "timings": self.timings_,
+            "has_gene_map": self.gene_map is not None,
+        }
+        state = {k: v.detach().cpu() for k, v in nets.state_dict().items()}
+        with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".tmp") as tmp:
+            torch.save(state, tmp)
+        os.replace(tmp.name, path / _WEIGHTS)
+        if self.gene_map is not None:
+            gm = self.gene_map
+            arrays: dict[str, np.ndarray] = {"loadings": gm.loadings}
+            if gm.center is not None:
+                arrays["center"] = gm.center
+            if gm.var_names is not None:
+                arrays["var_names"] = np.asarray(gm.var_names, dtype=str)
+            with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".npz") as tmp:
+                np.savez(tmp, **arrays)
+            os.replace(tmp.name, path / _GENES)
+        with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as tmp:
+            json.dump(config, tmp, indent=1)
+        os.replace(tmp.name, path / _CONFIG)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dim: int | None = None,
+        use_rep: str | None = None,
+        device: str | torch.device | None = "cpu",
+    ) -> DynamicsModel:
+        """Load a model saved by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            Folder written by :meth:`save`.
+        dim
+            Dimension of the data the model will be applied to; must match training.
+        use_rep
+            Representation of that data; must match the training representation.
+        device
+            Device for the weights.
+        """
+        path = Path(path)
+        for name in (_WEIGHTS, _CONFIG):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: not a saved DynamicsModel.")
+        cfg = json.loads((path / _CONFIG).read_text())
+        if cfg.get("format") != _FORMAT:
+            raise ChronotopeInputError(f"unknown DynamicsModel format {cfg.get('format')!r}.")
+        if use_rep is not None and str(use_rep) != cfg["use_rep"]:
+            raise ChronotopeInputError(
+                f"the model was trained on representation {cfg['use_rep']!r}, not {use_rep!r}."
+            )
+        if dim is not None and int(dim) != cfg["dim"]:
+            raise ChronotopeInputError(
+                f"the model was trained in {cfg['dim']} dimensions ({cfg['use_rep']!r}); "
+                f"the data have {dim}."
+            )
+        gene_map = None
+        if cfg.get("has_gene_map"):
+            with np.load(path / _GENES, allow_pickle=False) as z:
+                gene_map = GeneMap(
+                    z["loadings"],
+                    z["center"] if "center" in z else None,
+                    z["var_names"].tolist() if "var_names" in z else None,
+                )
+        model = cls(
+            DynamicsParams(**cfg["params"]),
+            use_rep=cfg["use_rep"],
+            gene_map=gene_map,
+            device=device,
+        )
+        nets = _Networks(cfg["dim"], model.params.hidden, model.params.n_layers)
+        state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
+        nets.load_state_dict(state)
+        model.networks = nets.to(model.device).eval()
+        model.dim = cfg["dim"]
+        model.sigma_ = cfg["sigma"]
+        model.times_ = np.asarray(cfg["times"])
+        model.masses_ = np.asarray(cfg["masses"])
+        model.timings_ = dict(cfg.get("timings", {}))
+        model._frame = _Frame(
+            np.asarray(cfg["shift"]), float(cfg["scale"]), cfg["t_min"], cfg["t_span"]
+        )
+        return model
