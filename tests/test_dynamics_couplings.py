@@ -1,0 +1,135 @@
+"""Snapshot couplings: agreement with POT, chunking invariants, growth targets, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chronotope._errors import ChronotopeInputError
+from chronotope.dynamics import check_snapshots, snapshot_couplings
+
+ot = pytest.importorskip("ot")
+
+
+def _two_snapshots(n0: int = 60, n1: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=(n0, 2))
+    x1 = rng.normal(size=(n1, 2)) * 0.8 + [1.0, 0.5]
+    return np.vstack([x0, x1]), np.r_[np.zeros(n0), np.ones(n1)]
+
+
+def _pot_plan(x: np.ndarray, t: np.ndarray, iv, tau_a: float, tau_b: float) -> np.ndarray:
+    x0, x1 = x[t == 0], x[t == 1]
+    eps = iv.epsilon
+    reg_m = tuple(eps * tau / (1 - tau) if tau < 1 else np.inf for tau in (tau_a, tau_b))
+    b = np.full(x1.shape[0], (x1.shape[0] / x0.shape[0]) / x1.shape[0])
+    return ot.unbalanced.sinkhorn_unbalanced(
+        iv.prior, b, ot.dist(x0, x1), eps, reg_m, numItermax=100000, stopThr=1e-13
+    )
+
+
+@pytest.mark.parametrize(("tau_a", "tau_b"), [(0.8, 0.95), (0.9, 1.0)])
+def test_row_marginals_match_pot(tau_a: float, tau_b: float) -> None:
+    x, t = _two_snapshots()
+    import torch
+
+    cpl = snapshot_couplings(
+        x,
+        t,
+        epsilon=0.1,
+        tau_a=tau_a,
+        tau_b=tau_b,
+        tol=1e-12,
+        max_iter=20000,
+        dtype=torch.float64,
+        n_pairs=200_000,
+    )
+    iv = cpl.intervals[0]
+    plan = _pot_plan(x, t, iv, tau_a, tau_b)
+    np.testing.assert_allclose(iv.row_mass, plan.sum(1), rtol=1e-6)
+    # growth targets are the log ratio of sent mass to current mass (dt = 1)
+    np.testing.assert_allclose(iv.growth, np.log(plan.sum(1) / iv.mass), rtol=1e-5, atol=1e-8)
+    # pairs are drawn in proportion to the plan entries: compare both marginal frequencies
+    freq_r = np.bincount(iv.pairs[:, 0], minlength=60)[:60] / iv.pairs.shape[0]
+    freq_c = np.bincount(iv.pairs[:, 1] - 60, minlength=80) / iv.pairs.shape[0]
+    np.testing.assert_allclose(freq_r, plan.sum(1) / plan.sum(), atol=3e-3)
+    np.testing.assert_allclose(freq_c, plan.sum(0) / plan.sum(), atol=3e-3)
+
+
+def test_sigma_and_epsilon_are_consistent() -> None:
+    x, t = _two_snapshots()
+    t = t * 2.5  # dt = 2.5
+    cpl = snapshot_couplings(x, t, sigma=0.3, n_pairs=100)
+    assert cpl.sigma == 0.3
+    np.testing.assert_allclose(cpl.intervals[0].epsilon, 2 * 0.3**2 * 2.5)
+    auto = snapshot_couplings(x, t, epsilon=0.05, n_pairs=100)
+    x0, x1 = x[t == 0], x[t > 0]
+    mean_cost = ot.dist(x0, x1).mean()
+    np.testing.assert_allclose(auto.intervals[0].epsilon, 0.05 * mean_cost, rtol=1e-10)
+
+
+def test_chunked_blocks_keep_mass_and_cover_cells() -> None:
+    x, t = _two_snapshots(230, 310, seed=1)
+    cpl = snapshot_couplings(x, t, batch_size=64, n_rounds=2, tau_b=1.0, n_pairs=5000)
+    iv = cpl.intervals[0]
+    assert iv.n_blocks == 5
+    # tau_b = 1: every block delivers exactly its share of the target mass
+    np.testing.assert_allclose(iv.row_mass.sum(), 310 / 230, rtol=2e-3)
+    assert np.isin(iv.pairs[:, 0], iv.source).all() and np.isin(iv.pairs[:, 1], iv.target).all()
+    assert np.unique(iv.pairs[:, 0]).size > 0.9 * 230
+    assert np.isnan(cpl.growth[t == 1]).all() and np.isfinite(cpl.growth[t == 0]).all()
+
+
+def test_growth_sign_where_one_population_grows() -> None:
+    """A and B start equal; at t = 1 A is unchanged and B has tripled (rates 0 and log 3)."""
+    rng = np.random.default_rng(3)
+    a0, b0 = rng.normal(size=(100, 2)) * 0.3, rng.normal(size=(100, 2)) * 0.3 + [3.0, 0.0]
+    a1, b1 = rng.normal(size=(100, 2)) * 0.3, rng.normal(size=(300, 2)) * 0.3 + [3.0, 0.0]
+    x = np.vstack([a0, b0, a1, b1])
+    t = np.r_[np.zeros(200), np.ones(400)]
+    population_rate = np.log(2.0)
+    # default (tau_a = 0.99, conservative): B above the population rate, A below it
+    cpl = snapshot_couplings(x, t, n_pairs=2000)
+    np.testing.assert_allclose(cpl.masses, [1.0, 2.0])
+    g_a, g_b = cpl.growth[:100], cpl.growth[100:200]
+    assert (g_b > population_rate).all() and (g_a < population_rate).all()
+    assert g_b.min() > g_a.max()
+    # more relaxed source marginal: the rates themselves are recovered
+    g = snapshot_couplings(x, t, n_pairs=2000, tau_a=0.9).growth
+    assert abs(g[:100].mean()) < 0.05, g[:100].mean()
+    assert abs(g[100:200].mean() - np.log(3.0)) < 0.05, g[100:200].mean()
+
+
+def test_user_masses_and_growth_prior() -> None:
+    x, t = _two_snapshots()
+    cpl = snapshot_couplings(x, t, masses=[1.0, 1.0], tau_a=1.0, n_pairs=100)
+    np.testing.assert_allclose(cpl.intervals[0].growth, 0.0, atol=1e-4)
+    prior = np.where(x[:, 0] > 0, 0.5, -0.5)
+    cpl = snapshot_couplings(x, t, masses=[1.0, 1.0], growth_prior=prior, tau_a=0.5, n_pairs=100)
+    g = cpl.intervals[0].growth
+    assert g[prior[:60] > 0].mean() > g[prior[:60] < 0].mean()
+    with pytest.raises(ChronotopeInputError, match="masses"):
+        snapshot_couplings(x, t, masses=[1.0])
+    with pytest.raises(ChronotopeInputError, match="growth_prior"):
+        snapshot_couplings(x, t, growth_prior=np.ones(3))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    x, t = _two_snapshots()
+    with pytest.raises(ChronotopeInputError, match="at least two time points"):
+        snapshot_couplings(x, np.zeros(x.shape[0]))
+    with pytest.raises(ChronotopeInputError, match="numeric"):
+        snapshot_couplings(x, np.where(t > 0, "day2", "day0"))
+    with pytest.raises(ChronotopeInputError, match="NaN"):
+        snapshot_couplings(np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), t)
+    with pytest.raises(ChronotopeInputError, match="time has 1 NaN"):
+        snapshot_couplings(x, np.where(np.arange(t.size) == 3, np.nan, t))
+    t3 = t.copy()
+    t3[:4] = 7.0
+    with pytest.raises(ChronotopeInputError, match="fewer than 10 cells"):
+        snapshot_couplings(x, t3)
+    with pytest.raises(ChronotopeInputError, match="one value per cell"):
+        check_snapshots(x, t[:-1])
+    # numeric strings are numbers
+    _, _, times = check_snapshots(x, t.astype(str))
+    np.testing.assert_array_equal(times, [0.0, 1.0])

@@ -1,0 +1,148 @@
+"""DynamicsModel: known constant drift, growth, simulation directions, save/load, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chronotope._errors import ChronotopeInputError
+from chronotope.dynamics import DynamicsModel, DynamicsParams, GeneMap
+
+DRIFT = np.array([1.0, -0.5])
+SMALL = {"hidden": 64, "n_layers": 2, "n_steps": 600, "batch_size": 256}
+
+
+def _shifting_gaussian(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """N(k * DRIFT, 0.5^2 I) at t = k, k = 0, 1, 2: the flow is the constant DRIFT."""
+    rng = np.random.default_rng(seed)
+    x = np.vstack([rng.normal(size=(n, 2)) * 0.5 + k * DRIFT for k in range(3)])
+    return x, np.repeat([0.0, 1.0, 2.0], n)
+
+
+@pytest.fixture(scope="module")
+def drift_model() -> tuple[DynamicsModel, np.ndarray, np.ndarray]:
+    x, t = _shifting_gaussian()
+    loadings = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 2)))[0]
+    gm = GeneMap(loadings, center=np.arange(5.0), var_names=[f"g{i}" for i in range(5)])
+    model = DynamicsModel(use_rep="X_pca", gene_map=gm, **SMALL).fit(x, t)
+    return model, x, t
+
+
+def test_recovers_constant_drift(drift_model) -> None:
+    model, x, t = drift_model
+    assert set(model.timings_) == {"couplings", "training"}
+    rng = np.random.default_rng(5)
+    for tk in (0.5, 1.0, 1.5):
+        pts = rng.normal(size=(400, 2)) * 0.4 + tk * DRIFT
+        v = model.velocity(pts, tk)
+        np.testing.assert_allclose(v.mean(0), DRIFT, atol=0.1)
+        # no growth: equal cell counts, the same shape at every time point
+        assert abs(model.growth(pts, tk).mean()) < 0.1
+    x0 = x[t == 0]
+    for method in ("ode", "sde"):
+        res = model.simulate(x0, 0.0, 2.0, method=method, t_eval=[0.0, 1.0, 2.0], seed=0)
+        assert res.x.shape == (3, x0.shape[0], 2) and res.weights.shape == (3, x0.shape[0])
+        np.testing.assert_allclose(res.x[0], x0, atol=1e-5)
+        np.testing.assert_allclose(res.x[-1].mean(0), 2 * DRIFT, atol=0.15)
+        np.testing.assert_allclose(res.x[-1].std(0), [0.5, 0.5], atol=0.1)
+        np.testing.assert_allclose(res.weights[-1].sum(), 1.0, atol=0.05)
+    # backward (reverse-time SDE): from t = 2 back to t = 0
+    back = model.simulate(x[t == 2], 2.0, 0.0, method="sde", seed=1)
+    np.testing.assert_array_equal(back.times, [2.0, 0.0])
+    np.testing.assert_allclose(back.x[-1].mean(0), [0.0, 0.0], atol=0.15)
+    np.testing.assert_allclose(back.x[-1].std(0), [0.5, 0.5], atol=0.1)
+
+
+def test_score_is_gradient_of_learned_potential(drift_model) -> None:
+    model, _, _ = drift_model
+    # the score points towards the mode of N(DRIFT, 0.5^2 I) at t = 1
+    pts = DRIFT + np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    s = model.score(pts, 1.0)
+    assert (np.sum(s * (DRIFT - pts), 1) > 0).all()
+    u = model.potential(pts, 1.0)
+    assert (u > model.potential(DRIFT[None], 1.0)).all()
+    d = model.drift(pts, 1.0)
+    np.testing.assert_allclose(d, model.velocity(pts, 1.0) + 0.5 * model.sigma_**2 * s)
+
+
+def test_save_load_round_trip(drift_model, tmp_path: Path) -> None:
+    model, x, _ = drift_model
+    out = model.save(tmp_path / "m")
+    loaded = DynamicsModel.load(out, dim=2, use_rep="X_pca")
+    pts = x[:50]
+    for name in ("velocity", "growth", "potential", "score"):
+        np.testing.assert_allclose(
+            getattr(loaded, name)(pts, 0.7), getattr(model, name)(pts, 0.7), rtol=1e-6
+        )
+    assert loaded.params == model.params and loaded.sigma_ == model.sigma_
+    np.testing.assert_array_equal(loaded.times_, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(loaded.gene_map.loadings, model.gene_map.loadings)
+    assert loaded.gene_map.var_names == model.gene_map.var_names
+    a = model.simulate(pts, 0.0, 1.0, method="sde", seed=3)
+    b = loaded.simulate(pts, 0.0, 1.0, method="sde", seed=3)
+    np.testing.assert_allclose(a.x, b.x, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ChronotopeInputError, match="representation 'X_pca'"):
+        DynamicsModel.load(out, use_rep="X_umap")
+    with pytest.raises(ChronotopeInputError, match="2 dimensions"):
+        DynamicsModel.load(out, dim=3)
+    with pytest.raises(FileExistsError):
+        model.save(out)
+    with pytest.raises(FileNotFoundError):
+        DynamicsModel.load(tmp_path / "nothing")
+
+
+def test_growth_network_learns_which_population_grows() -> None:
+    rng = np.random.default_rng(3)
+    blocks = [
+        rng.normal(size=(100, 2)) * 0.3,
+        rng.normal(size=(100, 2)) * 0.3 + [3.0, 0.0],
+        rng.normal(size=(100, 2)) * 0.3,
+        rng.normal(size=(300, 2)) * 0.3 + [3.0, 0.0],
+    ]
+    x, t = np.vstack(blocks), np.r_[np.zeros(200), np.ones(400)]
+    model = DynamicsModel(tau_a=0.9, **SMALL).fit(x, t)
+    g_a = model.growth(blocks[0], 0.5).mean()
+    g_b = model.growth(blocks[1], 0.5).mean()
+    assert g_b - g_a > 0.7 and g_b > 0.7 and abs(g_a) < 0.3, (g_a, g_b)
+    res = model.simulate(x[t == 0], 0.0, 1.0)
+    np.testing.assert_allclose(res.weights[-1].sum(), 2.0, rtol=0.1)  # n_1 / n_0
+    w_b = res.weights[-1][100:].sum() / res.weights[-1].sum()
+    assert w_b > 0.65  # truth 0.75 of the mass on B
+
+
+def test_gene_map() -> None:
+    w = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 3)))[0]
+    gm = GeneMap(w, center=np.ones(6))
+    pts = np.random.default_rng(1).normal(size=(4, 3))
+    np.testing.assert_allclose(gm.to_rep(gm.to_genes(pts)), pts, atol=1e-10)
+    np.testing.assert_allclose(gm.vectors_to_genes(pts), pts @ w.T)
+    with pytest.raises(ChronotopeInputError, match="var_names"):
+        GeneMap(w, var_names=["a"])
+    x, t = _shifting_gaussian(30)
+    with pytest.raises(ChronotopeInputError, match="gene_map has 3 components"):
+        DynamicsModel(gene_map=gm, n_steps=1).fit(x, t)
+
+
+def test_bad_inputs_and_params() -> None:
+    x, t = _shifting_gaussian(30)
+    with pytest.raises(ChronotopeInputError, match="at least two time points"):
+        DynamicsModel(n_steps=1).fit(x, np.ones(x.shape[0]))
+    with pytest.raises(ChronotopeInputError, match="numeric"):
+        DynamicsModel(n_steps=1).fit(x, np.array(["a", "b", "c"] * 30)[np.argsort(t)])
+    with pytest.raises(ChronotopeInputError, match="NaN"):
+        DynamicsModel(n_steps=1).fit(np.where(x > 1.2, np.nan, x), t)
+    with pytest.raises(ChronotopeInputError, match="fewer than 50 cells"):
+        DynamicsModel(n_steps=1, min_cells=50).fit(x, t)
+    with pytest.raises(ChronotopeInputError, match="n_steps"):
+        DynamicsParams(n_steps=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        DynamicsModel().velocity(x, 0.0)
+    model = DynamicsModel(n_steps=2, hidden=8, n_layers=1).fit(x, t)
+    with pytest.raises(ChronotopeInputError, match=r"shape \(n, 2\)"):
+        model.simulate(np.zeros((3, 4)), 0.0, 1.0)
+    with pytest.raises(ChronotopeInputError, match="method"):
+        model.simulate(x[:3], 0.0, 1.0, method="euler")
+    with pytest.raises(ChronotopeInputError, match="t_eval"):
+        model.simulate(x[:3], 0.0, 1.0, t_eval=[2.0])
