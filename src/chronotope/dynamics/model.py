@@ -324,6 +324,9 @@ class DynamicsModel:
         recorded and checked on :meth:`load`.
     gene_map
         Optional linear map back to genes (e.g. PCA loadings).
+    time_key
+        Name of the time column the model was trained on (``obs`` key), recorded for
+        readers of the saved model (e.g. the CLI's ``predict``).
     device
         Torch device for training and simulation (``None``: CUDA if available).
     **overrides
@@ -342,6 +345,7 @@ class DynamicsModel:
         *,
         use_rep: str = "X",
         gene_map: GeneMap | None = None,
+        time_key: str | None = None,
         device: str | torch.device | None = "cpu",
         **overrides: object,
     ) -> None:
@@ -349,6 +353,7 @@ class DynamicsModel:
         self.params = DynamicsParams(**{**asdict(base), **overrides}) if overrides else base
         self.use_rep = str(use_rep)
         self.gene_map = gene_map
+        self.time_key = time_key
         self.device = resolve_device(device)
         self.networks: _Networks | None = None
         self.dim: int | None = None
@@ -698,6 +703,7 @@ class DynamicsModel:
             "format": _FORMAT,
             "params": asdict(self.params),
             "use_rep": self.use_rep,
+            "time_key": self.time_key,
             "dim": int(self.dim or 0),
             "sigma": float(self.sigma_ or 0.0),
             "times": [float(v) for v in np.asarray(self.times_)],
@@ -778,6 +784,7 @@ class DynamicsModel:
             DynamicsParams(**cfg["params"]),
             use_rep=cfg["use_rep"],
             gene_map=gene_map,
+            time_key=cfg.get("time_key"),
             device=device,
         )
         nets = _Networks(cfg["dim"], model.params.hidden, model.params.n_layers)
