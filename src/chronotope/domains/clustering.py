@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("gmm", "kmeans", "leiden")
 # Size of the random subsample on which gmm_eee builds and ranks its starting points
-# (Ward linkage needs m (m - 1) / 2 distances: 4.5 M doubles for 3000 points).
+# (Ward linkage runs on cluster centroids, in O(m d) memory; see _ward_linkage).
 _SUBSAMPLE = 3000
 # Maximum EM iterations that each starting partition of gmm_eee gets on the subsample
 # before the best (highest likelihood) one goes on to EM on all observations.
@@ -179,6 +179,66 @@ def _eee_em(
     return loglik, start
 
 
+def _ward_linkage(X: np.ndarray) -> np.ndarray:
+    """``scipy.cluster.hierarchy.linkage(X, "ward")`` without the distance matrix.
+
+    scipy's nearest-neighbour chain (the same chain, tie-breaking, merge convention,
+    sorting and labelling), but the Ward distance between two clusters is computed
+    from their centroids and sizes, ``sqrt(2 n_a n_b / (n_a + n_b)) |c_a - c_b|``
+    (what scipy's Lance-Williams update gives), instead of being kept for every pair:
+    memory ``O(m d)`` instead of two ``m (m - 1) / 2`` arrays (72 MB at 3,000 points).
+    """
+    x = np.asarray(X, dtype=np.float64)
+    n = x.shape[0]
+    cent = x.copy()
+    size = np.ones(n)
+    merges = np.empty((n - 1, 4))
+    chain: list[int] = []
+    for k in range(n - 1):
+        if not chain:
+            chain.append(int(np.flatnonzero(size > 0)[0]))
+        while True:
+            a = chain[-1]
+            diff = cent - cent[a]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dist = np.sqrt(
+                    2 * size * size[a] / (size + size[a]) * np.einsum("ij,ij->i", diff, diff)
+                )
+            dist[size == 0] = np.inf
+            dist[a] = np.inf
+            b, current = (chain[-2], dist[chain[-2]]) if len(chain) > 1 else (-1, np.inf)
+            j = int(np.argmin(dist))
+            if dist[j] < current:
+                b, current = j, dist[j]
+            if len(chain) > 1 and b == chain[-2]:
+                break
+            chain.append(b)
+        del chain[-2:]
+        a, b = min(a, b), max(a, b)
+        merges[k] = a, b, current, size[a] + size[b]
+        cent[b] = (size[a] * cent[a] + size[b] * cent[b]) / (size[a] + size[b])
+        size[b] += size[a]
+        size[a] = 0
+    merges = merges[np.argsort(merges[:, 2], kind="mergesort")]
+    # scipy's labelling: cluster ids n, n + 1, ... in merge order, smaller root first
+    parent = np.arange(2 * n - 1)
+    count = np.ones(2 * n - 1)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for k in range(n - 1):
+        ra, rb = sorted((root(int(merges[k, 0])), root(int(merges[k, 1]))))
+        merges[k, 0], merges[k, 1] = ra, rb
+        parent[ra] = parent[rb] = n + k
+        count[n + k] = count[ra] + count[rb]
+        merges[k, 3] = count[n + k]
+    return merges
+
+
 def _candidate_partitions(X: np.ndarray, n_clusters: int, n_init: int, seed: int) -> dict:
     """Hard partitions of a (sub)sample that compete as EM starting points.
 
@@ -186,7 +246,7 @@ def _candidate_partitions(X: np.ndarray, n_clusters: int, n_init: int, seed: int
     are and on their whitened principal coordinates (mclust's ``hcUse="SVD"``).
     Partitions with fewer than ``n_clusters`` groups (duplicated points) are dropped.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import fcluster
     from sklearn.cluster import KMeans
 
     Xd = X.astype(np.float64)
@@ -200,7 +260,7 @@ def _candidate_partitions(X: np.ndarray, n_clusters: int, n_init: int, seed: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # KMeans on duplicated points
         for space, Z in spaces.items():
-            out[f"hc-{space}"] = fcluster(linkage(Z, method="ward"), n_clusters, "maxclust") - 1
+            out[f"hc-{space}"] = fcluster(_ward_linkage(Z), n_clusters, "maxclust") - 1
             for i in range(n_init):
                 km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed + i).fit(Z)
                 out[f"kmeans-{space}-{i}"] = km.labels_

@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import nn
 
 from chronotope._errors import ChronotopeInputError
@@ -60,6 +61,13 @@ _PARAMS = "params.json"
 _GATE_LR_FACTOR = 10.0
 # Optimisation steps of the default schedule (full batch or mini-batches alike).
 _N_STEPS = 300
+# A step over more spots than this accumulates its gradient over spatially contiguous
+# parts of at most _PART_ROWS spots (the loss is a mean over spots, so the sum of the
+# parts' gradients weighted by their share is the step's gradient): memory per step
+# then stops growing with the batch. Up to _ONE_PASS spots (a Visium slice) a step is
+# one pass, as before.
+_ONE_PASS = 4096
+_PART_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -131,10 +139,20 @@ class _Network(nn.Module):
     def hop_weights(self) -> torch.Tensor:
         return torch.softmax(self.hop_logit, 0)
 
-    def encode(self, stack: torch.Tensor, loadings: torch.Tensor) -> torch.Tensor:
-        """``h = (sum_k w_k S_k) V^T diag(g) W`` for a ``(K+1, n, p)`` stack."""
-        # tensordot: one (K+1) x (n p) product, no (K+1, n, p) temporary
-        mixed = torch.tensordot(self.hop_weights(), stack, dims=1)
+    def encode(
+        self, stack: torch.Tensor, loadings: torch.Tensor, nodes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h = (sum_k w_k S_k) V^T diag(g) W`` for a ``(K+1, n, p)`` stack (its rows
+        ``nodes`` only, if given)."""
+        # tensordot: one (K+1) x (n p) product, no (K+1, n, p) temporary; rows are taken
+        # from the mixed (n, p) matrix, not from the stack (a (K+1)-times larger copy
+        # that autograd would keep until the backward pass)
+        if nodes is None:
+            mixed = torch.tensordot(self.hop_weights(), stack, dims=1)
+        elif stack.shape[0] * len(nodes) < stack.shape[1]:  # a few rows: take them
+            mixed = torch.tensordot(self.hop_weights(), stack[:, nodes], dims=1)
+        else:
+            mixed = torch.tensordot(self.hop_weights(), stack, dims=1)[nodes]
         return mixed @ (loadings.T @ (self.gate()[:, None] * self.gene_directions()))
 
     def gene_directions(self) -> torch.Tensor:
@@ -145,6 +163,56 @@ class _Network(nn.Module):
 
     def score(self, z: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         return ((z @ self.discriminator) * summary).sum(-1)
+
+
+class _Adam:
+    """Adam (Kingma & Ba) with torch's defaults, the arithmetic of ``torch.optim.Adam``.
+
+    The same updates as ``torch.optim.Adam(groups)`` (betas 0.9 / 0.999, eps 1e-8, no
+    weight decay; its single-tensor path, the one used on CPU), written out because
+    ``torch.optim`` imports ``torch._dynamo`` (sympy, torch.distributed, ...) on first
+    use: about 70 MB of resident memory for a model whose data take a few MB.
+    """
+
+    def __init__(
+        self,
+        groups: list[tuple[list[torch.Tensor], float]],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.groups = [(list(params), float(lr)) for params, lr in groups]
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        # per group: first and second moments of each parameter; steps taken
+        self.moments: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [
+            [None] * len(params) for params, _ in self.groups
+        ]
+        self.steps = [[0] * len(params) for params, _ in self.groups]
+
+    def zero_grad(self) -> None:
+        for params, _ in self.groups:
+            for prm in params:
+                prm.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.beta1, self.beta2
+        for g, (params, lr) in enumerate(self.groups):
+            for i, prm in enumerate(params):
+                grad = prm.grad
+                if grad is None:
+                    continue
+                moments = self.moments[g][i]
+                if moments is None:
+                    moments = self.moments[g][i] = (torch.zeros_like(prm), torch.zeros_like(prm))
+                exp_avg, exp_avg_sq = moments
+                self.steps[g][i] += 1
+                step = float(self.steps[g][i])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1**step)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+                prm.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def _csr_tensor(m: sp.csr_matrix, device: torch.device) -> torch.Tensor:
@@ -293,17 +361,16 @@ class DomainModel:
         net.to(self.device)
         gate_params = [net.gate_logit]
         other = [prm for name, prm in net.named_parameters() if name != "gate_logit"]
-        opt = torch.optim.Adam(
-            [
-                {"params": other, "lr": p.learning_rate},
-                {"params": gate_params, "lr": p.learning_rate * _GATE_LR_FACTOR},
-            ]
-        )
+        opt = _Adam([(other, p.learning_rate), (gate_params, p.learning_rate * _GATE_LR_FACTOR)])
 
         n_epochs = self._n_epochs(n_obs)
         full = n_obs <= p.batch_size
+        # position of each spot in a bandwidth-reducing order of the graph: parts cut
+        # from it are spatially contiguous and need few neighbours from outside
+        position = np.empty(n_obs, dtype=np.int64)
+        position[reverse_cuthill_mckee(sym, symmetric_mode=True)] = np.arange(n_obs)
         if full:
-            batches_fixed = _Batch.full(sym, mean, n_obs, self.device)
+            parts_fixed = self._parts(np.arange(n_obs), sym, mean, position)
         epochs = range(n_epochs)
         if self.progress:
             from tqdm.auto import tqdm
@@ -316,12 +383,14 @@ class DomainModel:
             n_steps = 0
             chunks = [None] if full else np.array_split(order, math.ceil(n_obs / p.batch_size))
             for idx in chunks:
-                batch = batches_fixed if full else _Batch.rows(sym, mean, idx, self.device)
-                opt.zero_grad(set_to_none=True)
-                loss, parts = self._loss(net, batch, stack, corrupt, target, load_t)
-                loss.backward()
+                step_parts = parts_fixed if full else self._parts(idx, sym, mean, position)
+                opt.zero_grad()
+                for batch, share in step_parts:
+                    loss, parts = self._loss(net, batch, stack, corrupt, target, load_t)
+                    (loss if share == 1.0 else loss * share).backward()
+                    totals += share * parts
+                    del loss
                 opt.step()
-                totals += parts
                 n_steps += 1
             rec = dict(
                 zip(("contrastive", "reconstruction", "gate"), totals / n_steps, strict=True)
@@ -337,6 +406,21 @@ class DomainModel:
         )
         return self
 
+    def _parts(
+        self, idx: np.ndarray, sym: sp.csr_matrix, mean: sp.csr_matrix, position: np.ndarray
+    ) -> list[tuple[_Batch, float]]:
+        """The spots ``idx`` of one step as ``(batch, share of the spots)`` parts."""
+        n_obs = sym.shape[0]
+        if len(idx) <= _ONE_PASS:
+            if len(idx) == n_obs:
+                return [(_Batch.full(sym, mean, n_obs, self.device), 1.0)]
+            return [(_Batch.rows(sym, mean, idx, self.device), 1.0)]
+        ordered = idx[np.argsort(position[idx], kind="stable")]
+        pieces = np.array_split(ordered, math.ceil(len(idx) / _PART_ROWS))
+        return [
+            (_Batch.rows(sym, mean, piece, self.device), len(piece) / len(idx)) for piece in pieces
+        ]
+
     def _loss(
         self,
         net: _Network,
@@ -350,14 +434,17 @@ class DomainModel:
         if batch.is_full:
             h, hc = net.encode(stack, loadings), net.encode(corrupt, loadings)
         else:
-            h = net.encode(stack[:, batch.nodes], loadings)
-            hc = net.encode(corrupt[:, batch.nodes], loadings)
+            h = net.encode(stack, loadings, batch.nodes)
+            hc = net.encode(corrupt, loadings, batch.nodes)
         z, zc = F.elu(h), F.elu(hc)
         s = torch.sigmoid(torch.sparse.mm(batch.mean, z))
         sc = torch.sigmoid(torch.sparse.mm(batch.mean, zc))
-        zb, zcb = z[batch.local], zc[batch.local]
+        # full batch: every spot is a batch spot (no copies of rows)
+        zb, zcb = (z, zc) if batch.is_full else (z[batch.local], zc[batch.local])
+        # each latent through the discriminator once, scored against both summaries
+        zd, zcd = zb @ net.discriminator, zcb @ net.discriminator
         logits = torch.cat(
-            [net.score(zb, s), net.score(zcb, s), net.score(zcb, sc), net.score(zb, sc)]
+            [(zd * s).sum(-1), (zcd * s).sum(-1), (zcd * sc).sum(-1), (zd * sc).sum(-1)]
         )
         n = zb.shape[0]
         labels = torch.cat([torch.ones(n), torch.zeros(n), torch.ones(n), torch.zeros(n)]).to(
@@ -365,7 +452,7 @@ class DomainModel:
         )
         contrastive = 2 * F.binary_cross_entropy_with_logits(logits, labels)
         recon = torch.sparse.mm(batch.sym, h @ net.decoder)
-        reconstruction = F.mse_loss(recon, target[batch.targets])
+        reconstruction = F.mse_loss(recon, target if batch.is_full else target[batch.targets])
         gate = net.gate().mean()
         loss = contrastive + p.reconstruction_weight * reconstruction + p.gate_penalty * gate
         parts = np.array([contrastive.item(), reconstruction.item(), gate.item()])

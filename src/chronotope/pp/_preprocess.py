@@ -756,6 +756,16 @@ def _scaled_dense(
     return out
 
 
+def _scale_columns(x: Matrix, factor: np.ndarray) -> sp.csr_matrix:
+    """``x @ diag(factor)`` as float64 CSR: one new array of values (the structure of a
+    canonical CSR input is shared, not copied), computed in spans of stored values."""
+    x = _canonical_sparse(x).tocsr()
+    vals = np.empty(x.nnz, dtype=np.float64)
+    for lo, hi in _spans(x.nnz):
+        np.multiply(x.data[lo:hi], factor[x.indices[lo:hi]], out=vals[lo:hi])
+    return sp.csr_matrix((vals, x.indices, x.indptr), shape=x.shape)
+
+
 def _select_columns(x: Matrix, mask: np.ndarray) -> Matrix:
     if mask.all():
         return x
@@ -967,10 +977,11 @@ def pca(
         }
         return adata if copy else None
     if sp.issparse(xs):
-        xs = sp.csr_matrix(xs, dtype=np.float64)
         if scale:
             _, var = _mean_var(xs)
-            xs = (xs @ sp.diags(1.0 / _std(var))).tocsr()
+            xs = _scale_columns(xs, 1.0 / _std(var))
+        else:
+            xs = sp.csr_matrix(xs, dtype=np.float64)
     elif scale:
         mean, var = _mean_var(xs)
         xs = _scaled_dense(xs, mean, _std(var), zero_center=True, max_value=max_value)
