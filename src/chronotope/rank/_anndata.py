@@ -295,7 +295,7 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
     return {
         "pearson": float(per["pearson"].mean()),
         "spearman": float(per["spearman"].mean()),
-        "n_slides": int(len(per)),
+        "n_slides": len(per),
         "n_genes": int(table["gene"].nunique()),
     }
 

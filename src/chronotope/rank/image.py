@@ -152,6 +152,7 @@ class HandcraftedExtractor:
         f = rgb.astype(np.float64) / 255.0
         grey = color.rgb2gray(f)
         tissue = grey < self.background
+        frac = float(tissue.mean())
         if tissue.sum() < 10:
             tissue = np.ones_like(tissue)
         hed = color.rgb2hed(f)
@@ -171,7 +172,7 @@ class HandcraftedExtractor:
         lbp = feature.local_binary_pattern((grey * 255).astype(np.uint8), 8, 1, method="uniform")
         hist = np.bincount(lbp.astype(np.int64).ravel(), minlength=10)[:10]
         out += list((hist / max(1, hist.sum())).astype(float))
-        out += [float(tissue.mean())]
+        out += [frac]
         out += [float(f[..., c][tissue].mean()) for c in range(3)]
         out += [float(f[..., c][tissue].std()) for c in range(3)]
         h = hed[..., 0]
