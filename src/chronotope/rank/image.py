@@ -43,6 +43,9 @@ __all__ = [
 
 logger = logging.getLogger("chronotope")
 
+# nuclei candidates smaller than this (pixels of the resized patch) are noise
+_MIN_AREA = 8
+
 
 class FeatureExtractor(Protocol):
     """``extractor(patch) -> 1-D float array`` for an ``(h, w, 3)`` ``uint8`` patch."""
@@ -120,6 +123,13 @@ class HandcraftedExtractor:
     _DISTANCES = (1, 2, 4)
 
     def __init__(self, resize: int | None = 96, background: float = 0.85) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("skimage") is None:
+            raise ImportError(
+                "the built-in H&E feature extractor needs scikit-image: "
+                "pip install 'chronotope[image]' (or scikit-image)"
+            )
         if resize is not None and resize < 16:
             raise ChronotopeInputError(f"resize must be >= 16, got {resize}")
         self.resize = resize
@@ -135,7 +145,7 @@ class HandcraftedExtractor:
         self.names = names
 
     def __call__(self, patch: np.ndarray) -> np.ndarray:
-        from skimage import color, feature, filters, measure, morphology
+        from skimage import color, feature, filters, measure
 
         patch = np.asarray(patch)
         if patch.ndim != 3 or patch.shape[2] < 3:
@@ -180,7 +190,7 @@ class HandcraftedExtractor:
             thr = filters.threshold_otsu(h[tissue]) if np.ptp(h[tissue]) > 0 else np.inf
         except ValueError:
             thr = np.inf
-        mask = morphology.remove_small_objects((h > thr) & tissue, max_size=7)
+        mask = (h > thr) & tissue
         lab = measure.label(mask)
         out += _region_stats(lab, mask)
         return np.asarray(out, dtype=np.float32)
@@ -189,6 +199,15 @@ class HandcraftedExtractor:
 def _region_stats(lab: np.ndarray, mask: np.ndarray) -> list[float]:
     """Count, area fraction, mean area, mean eccentricity, area sd of labelled regions."""
     n = int(lab.max())
+    if n:  # drop regions under _MIN_AREA pixels (noise), relabel 1..n
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = sizes >= _MIN_AREA
+        keep[0] = False
+        new = np.zeros(n + 1, dtype=np.int64)
+        new[keep] = np.arange(1, int(keep.sum()) + 1)
+        lab = new[lab]
+        mask = lab > 0
+        n = int(keep.sum())
     if n == 0:
         return [0.0, 0.0, 0.0, 0.0, 0.0]
     rr, cc = np.nonzero(lab)

@@ -199,7 +199,8 @@ def pair_loss(
     logits = score + log_size[:, None]
     d = logits[a] - logits[b]
     ya, yb = counts[a], counts[b]
-    nll = -(ya * F.logsigmoid(d) + yb * F.logsigmoid(-d))
+    # log sigmoid(-d) = log sigmoid(d) - d: one logsigmoid instead of two
+    nll = yb * d - (ya + yb) * F.logsigmoid(d)
     if reduction == "sum":
         return nll.sum()
     tot = (ya + yb).sum(0)
