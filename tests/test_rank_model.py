@@ -122,7 +122,7 @@ def test_bad_inputs(sim):
         RankModel().predict(np.zeros((3, 2)))
 
 
-def test_tl_predict_evaluate_and_plots(sim):
+def test_tl_predict_evaluate_and_plots(sim, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,6 +139,11 @@ def test_tl_predict_evaluate_and_plots(sim):
         ct.tl.rank_evaluate(te, m, batch_key="slide")
     assert set(te.uns["rank_evaluation"]) == {"list", "mse"}
     pred.obsm["spatial"] = np.random.default_rng(0).random((te.n_obs, 2))
+    one = tr.copy()
+    ct.tl.rank_fit(one, "features", None, genes=4, max_epochs=1)  # no batch key: one slide
+    ct.tl.rank_evaluate(te, m)
+    one.write_h5ad(tmp_path / "tr.h5ad")  # uns entries are h5ad-safe
+    te.write_h5ad(tmp_path / "te.h5ad")
     ct.pl.rank_losses(te)
     ct.pl.rank_maps(pred, n_genes=2)
 

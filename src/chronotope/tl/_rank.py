@@ -19,6 +19,11 @@ __all__ = ["histology_features", "load_embeddings", "rank_evaluate", "rank_fit",
 logger = logging.getLogger("chronotope")
 
 
+def _h5ad_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``None`` values (h5ad cannot store them)."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def _library(adata: AnnData, library_id: str | None) -> tuple[str, dict[str, Any]]:
     spatial = adata.uns.get("spatial", {})
     if not spatial:
@@ -159,11 +164,13 @@ def rank_fit(
         adata, features, batch_key, genes=genes, loss=loss, validation=validation,
         device=device, progress=progress, **params,
     )
-    adata.uns["rank"] = {
-        "params": {"features": features, "batch_key": batch_key, **model.params.__dict__},
+    adata.uns["rank"] = _h5ad_safe({
+        "params": _h5ad_safe(
+            {"features": features, "batch_key": batch_key, **model.params.__dict__}
+        ),
         "genes": list(model.var_names or []),
         "best_epoch": model.best_epoch_,
-    }
+    })
     return model
 
 
@@ -231,9 +238,9 @@ def rank_predict(
         out.uns["spatial"] = adata.uns["spatial"]
     out.layers[key_added] = pred
     out.uns["rank_predict"] = {
-        "params": {"loss": model.params.loss, "head": model.params.head,
-                   "features": model.feature_key if features is None else features,
-                   "key_added": key_added}
+        "params": _h5ad_safe({"loss": model.params.loss, "head": model.params.head,
+                              "features": model.feature_key if features is None else features,
+                              "key_added": key_added})
     }
     return out
 
@@ -287,6 +294,6 @@ def rank_evaluate(
     store[label or model.params.loss] = {
         **summary,
         "per_gene_pearson": per_gene["pearson"].to_dict(),
-        "params": {"batch_key": batch_key, "truth_layer": truth_layer},
+        "params": _h5ad_safe({"batch_key": batch_key, "truth_layer": truth_layer}),
     }
     return table
