@@ -76,8 +76,15 @@ def test_hvg_on_training_slides_only(sim):
 
 
 def test_save_load_roundtrip(sim, tmp_path):
+    import torch
+
     tr, _, te = _split(sim)
+    state = torch.get_rng_state()
     model = fit(tr, "features", "slide", loss="nb", head="mlp", max_epochs=3, hidden=8)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
+    again = fit(tr, "features", "slide", loss="nb", head="mlp", max_epochs=3, hidden=8)
+    np.testing.assert_allclose(again.predict(te.obsm["features"]),
+                               model.predict(te.obsm["features"]))  # seeded
     model.save(tmp_path / "m")
     back = RankModel.load(tmp_path / "m", var_names=model.var_names)
     np.testing.assert_allclose(back.predict(te.obsm["features"]),
@@ -133,6 +140,7 @@ def test_tl_predict_evaluate_and_plots(sim, tmp_path):
     assert list(pred.var_names) == model.var_names
     assert pred.layers["predicted"].shape == (te.n_obs, 8)
     assert pred.var["measured"].all()
+    np.testing.assert_allclose(pred.obs["rank_total_counts"], np.asarray(te.X.sum(1)).ravel())
     assert "predicted" not in te.layers
     for loss in ("list", "mse"):
         m = ct.tl.rank_fit(tr, "features", "slide", genes=8, loss=loss, max_epochs=3)

@@ -85,7 +85,8 @@ def rank_maps(
     ----------
     adata
         Output of :func:`chronotope.tl.rank_predict` (raw counts in ``.X``, scores in
-        ``layers[layer]``, coordinates in ``obsm[spatial_key]``).
+        ``layers[layer]``, coordinates in ``obsm[spatial_key]``; size factors from
+        ``obs["rank_total_counts"]`` when present, else from the genes of ``.X``).
     genes
         Genes to draw; default the ``n_genes`` with the highest within-slide Pearson
         correlation between score and measurement.
@@ -115,7 +116,12 @@ def rank_maps(
         mask = lab == slide
     sub = adata[mask]
     x = sub.X.toarray() if sp.issparse(sub.X) else np.asarray(sub.X)
-    meas = log_normalize(x, x.sum(1))
+    totals = (
+        sub.obs["rank_total_counts"].to_numpy(dtype=np.float64)
+        if "rank_total_counts" in sub.obs
+        else x.sum(1)
+    )
+    meas = log_normalize(x, totals)
     pred = np.asarray(sub.layers[layer], dtype=np.float64)
     r = within_slide_correlation(pred, meas, np.zeros(sub.n_obs))[0]
     if genes is None:

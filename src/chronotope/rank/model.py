@@ -333,8 +333,20 @@ class RankModel:
         if log_size.size != x.shape[0] or not np.isfinite(log_size).all():
             raise ChronotopeInputError("log_size must be finite with one value per spot")
         self.var_names = None if var_names is None else [str(v) for v in var_names]
+        # seeded initialisation and dropout without changing torch's global generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.params.seed)
+            return self._fit(x, y, codes, log_size, validation)
+
+    def _fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        codes: np.ndarray,
+        log_size: np.ndarray,
+        validation: tuple[np.ndarray, ...] | None,
+    ) -> RankModel:
         p = self.params
-        torch.manual_seed(p.seed)
         rng = np.random.default_rng(p.seed)
         self.mean_ = x.mean(0)
         sd = x.std(0)

@@ -210,8 +210,9 @@ def rank_predict(
         ``obs``, ``obsm`` and ``uns["spatial"]`` of ``adata``; ``var_names`` = the model's
         genes; ``layers[key_added]`` = score per spot and gene (log expression up to a
         constant per slide and gene); ``.X`` = the measured counts of those genes where
-        ``adata`` has them (zeros elsewhere, ``var["measured"]`` False).
-        ``adata`` is not modified.
+        ``adata`` has them (zeros elsewhere, ``var["measured"]`` False);
+        ``obs["rank_total_counts"]``: each spot's total over all genes of ``adata`` (the
+        size factors of the measured counts). ``adata`` is not modified.
     """
     from chronotope.rank._anndata import _feature_key, get_features
 
@@ -237,6 +238,8 @@ def rank_predict(
     if "spatial" in adata.uns:
         out.uns["spatial"] = adata.uns["spatial"]
     out.layers[key_added] = pred
+    # spot totals over all genes of the input: size factors of the measured counts
+    out.obs["rank_total_counts"] = np.asarray(adata.X.sum(1), dtype=np.float64).ravel()
     out.uns["rank_predict"] = {
         "params": _h5ad_safe({"loss": model.params.loss, "head": model.params.head,
                               "features": model.feature_key if features is None else features,
