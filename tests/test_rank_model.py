@@ -58,6 +58,7 @@ def test_predictions_are_shift_free_for_rank_losses(sim):
     tab = evaluate(model, te, batch_key="slide")
     assert set(tab.columns) == {"slide", "gene", "pearson", "spearman"}
     assert len(tab) == 20
+    assert tab.attrs["mean"] == summarize(tab)
 
 
 def test_hvg_on_training_slides_only(sim):
@@ -185,6 +186,19 @@ def test_image_features_and_embeddings(tmp_path):
     assert ad.obsm["X_embedding"].shape == (3, 4)
     with pytest.raises(ValueError, match="one row per spot"):
         ct.tl.load_embeddings(ad, np.ones((2, 4)))
+    import anndata
+
+    ad.uns.clear()
+    ad.write_h5ad(tmp_path / "spots.h5ad")
+    from PIL import Image
+
+    Image.fromarray(img).save(tmp_path / "he.png")
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "rank", "features", str(tmp_path / "spots.h5ad"), "--image",
+              str(tmp_path / "he.png"), "--patch-size", "40", "-o", str(tmp_path / "f.h5ad")])
+    assert exc.value.code in (0, None)
+    got = anndata.read_h5ad(tmp_path / "f.h5ad").obsm["X_histology"]
+    np.testing.assert_allclose(got, image_features(img, coords, patch_size=40, progress=False))
 
 
 def _run(capsys, *args):

@@ -468,10 +468,49 @@ def interpolate(
 
 # --------------------------------------------------------------------------- rank
 rank_app = typer.Typer(
-    help="Expression from histology features with STRank losses (fit, predict, evaluate).",
+    help="Expression from histology features with STRank losses (features, fit, predict, "
+    "evaluate).",
     no_args_is_help=True,
 )
 app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("features")
+def rank_features(
+    data: Annotated[Path, typer.Argument(help="Input .h5ad: spot pixel coordinates in obsm.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad with obsm[KEY].")],
+    image: Annotated[
+        Path | None,
+        typer.Option(help="Full-resolution H&E image; default the hires image in uns['spatial']."),
+    ] = None,
+    embeddings: Annotated[
+        Path | None,
+        typer.Option(help="Precomputed embeddings .npy (one row per spot) instead of an image."),
+    ] = None,
+    key: Annotated[str, typer.Option(help="obsm key to write.")] = "X_histology",
+    patch_size: Annotated[
+        int | None, typer.Option(help="Patch side in full-resolution pixels.")
+    ] = None,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the pixel coordinates.")] = (
+        "spatial"
+    ),
+) -> None:
+    """Per-spot features: built-in H&E statistics of image patches, or stored embeddings."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    adata = read_input(data)
+    if embeddings is not None:
+        ct.tl.load_embeddings(adata, embeddings, key_added=key)
+    else:
+        ct.tl.histology_features(
+            adata, image, spatial_key=spatial_key, patch_size=patch_size, key_added=key,
+            progress=show_progress(),
+        )
+    write_output(adata, out)
+    if _state["verbosity"] >= 0:
+        typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
 
 
 @rank_app.command("fit")

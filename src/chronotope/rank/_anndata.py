@@ -261,7 +261,8 @@ def evaluate(
     -------
     pandas.DataFrame
         Columns ``slide``, ``gene``, ``pearson``, ``spearman`` (NaN where the truth is
-        constant within the slide). :func:`summarize` gives the means.
+        constant within the slide). The means (:func:`summarize`) are in
+        ``table.attrs["mean"]``.
     """
     genes = _model_genes(model, adata)
     x = get_features(adata, _feature_key(model, features))
@@ -279,7 +280,7 @@ def evaluate(
     names = np.unique(slides)
     rp = within_slide_correlation(pred, truth, slides, method="pearson")
     rs = within_slide_correlation(pred, truth, slides, method="spearman")
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "slide": np.repeat(names, len(genes)),
             "gene": np.tile(np.asarray(genes, dtype=object), len(names)),
@@ -287,6 +288,8 @@ def evaluate(
             "spearman": rs.ravel(),
         }
     )
+    table.attrs["mean"] = summarize(table)
+    return table
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
