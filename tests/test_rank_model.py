@@ -74,6 +74,12 @@ def test_hvg_on_training_slides_only(sim):
     m = fit(ad, "features", "slide", genes=5, validation=["s3"], max_epochs=2)
     assert "g0" not in m.var_names  # variable only on the validation slide
     assert len(m.var_names) == 5
+    # a validation AnnData without some genes: they are not candidates
+    tr, va, _ = _split(sim)
+    top = fit(tr, "features", "slide", genes=1, max_epochs=1).var_names[0]
+    m2 = fit(tr, "features", "slide", genes=3, validation=va[:, va.var_names != top].copy(),
+             max_epochs=1)
+    assert top not in m2.var_names and len(m2.var_names) == 3
 
 
 def test_save_load_roundtrip(sim, tmp_path):
@@ -188,7 +194,7 @@ def test_image_features_and_embeddings(tmp_path):
         ct.tl.load_embeddings(ad, np.ones((2, 4)))
     import anndata
 
-    ad.uns.clear()
+    ad.uns.clear()  # the h5ad gets only the coordinates
     ad.write_h5ad(tmp_path / "spots.h5ad")
     from PIL import Image
 

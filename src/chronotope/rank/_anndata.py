@@ -131,7 +131,8 @@ def fit(
         ``None``: one slide.
     genes
         Gene names to model, an integer ``N`` (the ``N`` most variable genes on the
-        training slides: :func:`highly_variable_genes`), or ``None`` for all genes.
+        training slides: :func:`highly_variable_genes`; with a validation AnnData, among
+        the genes it has too), or ``None`` for all genes.
     loss
         Loss name (:data:`chronotope.rank.losses.LOSSES`).
     validation
@@ -183,9 +184,13 @@ def fit(
         if int(genes) < 1:
             raise ChronotopeInputError(f"genes (number of genes) must be >= 1, got {genes}")
         tr = np.flatnonzero(train)
-        gidx = highly_variable_genes(
-            x_all[tr], slides[tr], int(genes), totals=totals_all[tr]
+        cand = np.arange(adata.n_vars)
+        if isinstance(validation, AnnData):  # only genes the validation data can score
+            cand = np.flatnonzero(adata.var_names.isin(validation.var_names))
+        sub = highly_variable_genes(
+            x_all[tr][:, cand], slides[tr], int(genes), totals=totals_all[tr]
         )
+        gidx = cand[sub]
     else:
         names = pd.Index([str(g) for g in genes])
         missing = names.difference(adata.var_names)
