@@ -134,7 +134,9 @@ def rank_maps(
     for c, (g, j) in enumerate(zip(genes, idx, strict=True)):
         for row, (vals, name) in enumerate(((meas[:, j], "measured"), (pred[:, j], "predicted"))):
             ax = axes[row, c]
-            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=s, cmap="viridis", linewidths=0)
+            lo, hi = np.nanpercentile(vals, [2, 98])  # a few outlier spots do not set the scale
+            ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=s, cmap="viridis", linewidths=0,
+                       vmin=lo, vmax=hi if hi > lo else None)
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
