@@ -14,6 +14,8 @@ domains
     Graph contrastive encoder and clustering for spatial domains.
 slices
     Alignment, integration, label transfer and interpolation of sections.
+rank
+    Expression from histology features with STRank rank losses (batch-effect robust).
 pp, tl, pl
     AnnData layer: preprocessing (spatial neighbours) and plots.
 report, demo
@@ -40,6 +42,7 @@ _SUBMODULES = (
     "pl",
     "domains",
     "slices",
+    "rank",
     "report",
     "demo",
 )

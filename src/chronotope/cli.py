@@ -466,6 +466,176 @@ def interpolate(
         typer.echo(f"wrote {out}: {gen.n_obs} generated spots x {gen.n_vars} genes at t={t:g}")
 
 
+# --------------------------------------------------------------------------- rank
+rank_app = typer.Typer(
+    help="Expression from histology features with STRank losses (features, fit, predict, "
+    "evaluate).",
+    no_args_is_help=True,
+)
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("features")
+def rank_features(
+    data: Annotated[Path, typer.Argument(help="Input .h5ad: spot pixel coordinates in obsm.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad with obsm[KEY].")],
+    image: Annotated[
+        Path | None,
+        typer.Option(help="Full-resolution H&E image; default the hires image in uns['spatial']."),
+    ] = None,
+    embeddings: Annotated[
+        Path | None,
+        typer.Option(help="Precomputed embeddings .npy (one row per spot) instead of an image."),
+    ] = None,
+    key: Annotated[str, typer.Option(help="obsm key to write.")] = "X_histology",
+    patch_size: Annotated[
+        int | None, typer.Option(help="Patch side in full-resolution pixels.")
+    ] = None,
+    spatial_key: Annotated[str, typer.Option(help="obsm key of the pixel coordinates.")] = (
+        "spatial"
+    ),
+) -> None:
+    """Per-spot features: built-in H&E statistics of image patches, or stored embeddings."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    adata = read_input(data)
+    if embeddings is not None:
+        ct.tl.load_embeddings(adata, embeddings, key_added=key)
+    else:
+        ct.tl.histology_features(
+            adata, image, spatial_key=spatial_key, patch_size=patch_size, key_added=key,
+            progress=show_progress(),
+        )
+    write_output(adata, out)
+    if _state["verbosity"] >= 0:
+        typer.echo(f"wrote {out}: obsm[{key!r}] {adata.obsm[key].shape}")
+
+
+@rank_app.command("fit")
+def rank_fit(
+    data: Annotated[
+        Path, typer.Argument(help="Training .h5ad: raw counts in .X, features in obsm[KEY].")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    features: Annotated[str, typer.Option(help="obsm key of the per-spot features.")] = (
+        "X_histology"
+    ),
+    batch_key: Annotated[
+        str | None, typer.Option(help="obs column naming the slide of each spot.")
+    ] = None,
+    loss: Annotated[
+        str, typer.Option(help="list, pair, mse, poisson, nb, margin, pcc or pcc_slide.")
+    ] = "list",
+    n_genes: Annotated[
+        int | None,
+        typer.Option(help="Model the N most variable genes (on the training slides); default all."),
+    ] = None,
+    validation: Annotated[
+        list[str] | None,
+        typer.Option(help="Slide (obs[batch-key]) held out for model selection (repeatable)."),
+    ] = None,
+    head: Annotated[str, typer.Option(help="linear or mlp.")] = "linear",
+    batching: Annotated[str, typer.Option(help="mixed, slide or balanced.")] = "mixed",
+    max_epochs: Annotated[int, typer.Option(help="Training epochs.")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Overwrite a non-empty model folder.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Fit a model predicting expression from features; writes MODEL_DIR."""
+    import chronotope as ct
+
+    if out.exists() and not out.is_dir():
+        raise _CommandError(f"output {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise _CommandError(f"output folder {str(out)!r} is not empty; pass --overwrite")
+    adata = read_input(data)
+    model = ct.tl.rank_fit(
+        adata,
+        features,
+        batch_key,
+        genes=n_genes,
+        loss=loss,
+        validation=validation or None,
+        head=head,
+        batching=batching,
+        max_epochs=max_epochs,
+        seed=seed,
+        device=None if device == "auto" else device,
+        progress=show_progress(),
+    )
+    model.save(out, overwrite=overwrite)
+    if _state["verbosity"] >= 0:
+        typer.echo(
+            f"wrote {out}: {loss} loss, {head} head, {len(model.var_names)} genes, "
+            f"{adata.n_obs} spots, best epoch {model.best_epoch_}"
+        )
+
+
+@rank_app.command("predict")
+def rank_predict(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder from 'chronotope rank fit'.")],
+    data: Annotated[Path, typer.Argument(help="Test .h5ad with the same features in obsm.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .h5ad: layers['predicted'], model genes.")
+    ],
+    features: Annotated[
+        str | None, typer.Option(help="obsm key of the features (default: the model's).")
+    ] = None,
+) -> None:
+    """Predict scores per spot and model gene; writes layers['predicted']."""
+    import chronotope as ct
+    from chronotope.rank import RankModel
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    model = RankModel.load(model_dir)
+    adata = read_input(data)
+    pred = ct.tl.rank_predict(adata, model, features=features)
+    write_output(pred, out)
+    if _state["verbosity"] >= 0:
+        typer.echo(f"wrote {out}: {pred.n_obs} spots x {pred.n_vars} model genes")
+
+
+@rank_app.command("evaluate")
+def rank_evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder from 'chronotope rank fit'.")],
+    data: Annotated[Path, typer.Argument(help="Test .h5ad: raw counts in .X, features.")],
+    batch_key: Annotated[
+        str | None, typer.Option(help="obs column of the slides (correlations within each).")
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="obsm key of the features (default: the model's).")
+    ] = None,
+    truth_layer: Annotated[
+        str | None, typer.Option(help="Layer with the truth instead of log-normalised counts.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="CSV of per-slide x per-gene correlations.")
+    ] = None,
+) -> None:
+    """Within-slide Pearson and Spearman correlation per gene; prints the means."""
+    import chronotope as ct
+    from chronotope.rank import RankModel, summarize
+
+    model = RankModel.load(model_dir)
+    adata = read_input(data)
+    table = ct.tl.rank_evaluate(
+        adata, model, batch_key=batch_key, features=features, truth_layer=truth_layer
+    )
+    if out is not None:
+        if out.suffix != ".csv":
+            raise _CommandError(f"output {str(out)!r} must end in .csv")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+    s = summarize(table)
+    typer.echo(
+        f"{model.params.loss}: mean within-slide pearson {s['pearson']:.4f}, "
+        f"spearman {s['spearman']:.4f} ({s['n_genes']} genes, {s['n_slides']} slide(s))"
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:

@@ -909,3 +909,10 @@ register_section(
     "chronotope.domains._demo:demo_section",
     requires=("chronotope.datasets:demo", "chronotope.tl:spatial_domains"),
 )
+
+register_section(
+    "rank",
+    "Relative expression (STRank losses)",
+    "chronotope.rank._demo:demo_section",
+    requires=("chronotope.rank:simulate", "chronotope.tl:rank_fit"),
+)

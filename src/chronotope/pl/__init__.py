@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from chronotope.pl._domains import domains, gene_importance
+from chronotope.pl._rank import rank_losses, rank_maps
 from chronotope.pl._slices import alignment, integration, interpolation
 from chronotope.pl._spatial import spatial
 
-__all__ = ["alignment", "domains", "gene_importance", "integration", "interpolation", "spatial"]
+__all__ = ["alignment", "domains", "gene_importance", "integration", "interpolation",
+           "rank_losses", "rank_maps", "spatial"]

@@ -5,19 +5,33 @@
 - :func:`interpolate_slices` -- generate the slice between two (displacement interpolation).
 - :func:`integrate_slices` -- slices of different platforms in one embedding and one frame.
 - :func:`transfer_labels` -- carry labels from an aligned slice along the stored plan.
+- :func:`histology_features`, :func:`load_embeddings`, :func:`rank_fit`, :func:`rank_predict`,
+  :func:`rank_evaluate` -- expression from histology with STRank losses (:mod:`chronotope.rank`).
 """
 
 from __future__ import annotations
 
 from chronotope.tl._domains import spatial_domains
 from chronotope.tl._integrate import integrate_slices
+from chronotope.tl._rank import (
+    histology_features,
+    load_embeddings,
+    rank_evaluate,
+    rank_fit,
+    rank_predict,
+)
 from chronotope.tl._slices import align_slices, interpolate_slices
 from chronotope.tl._transfer import transfer_labels
 
 __all__ = [
     "align_slices",
+    "histology_features",
     "integrate_slices",
     "interpolate_slices",
+    "load_embeddings",
+    "rank_evaluate",
+    "rank_fit",
+    "rank_predict",
     "spatial_domains",
     "transfer_labels",
 ]
