@@ -58,13 +58,15 @@ def test_jacobian_of_linear_drift_in_rep_and_gene_space() -> None:
     np.testing.assert_allclose(j, A / T_SPAN, atol=1e-5)
     np.testing.assert_allclose(model.velocity(x, 1.0), x @ A.T / T_SPAN, atol=1e-5)
     idx, jg = ro.gene_jacobian(model, j)
+    np.testing.assert_array_equal(idx, np.arange(6))
     p = np.linalg.pinv(gm.loadings)
     np.testing.assert_allclose(jg, gm.loadings @ (A / T_SPAN) @ p, atol=1e-6)
     # gene-space velocity of a point equals J_gene applied to its gene-space displacement
     dx = np.array([0.2, -0.1, 0.3])
     dgenes = gm.vectors_to_genes(dx[None])[0]
-    np.testing.assert_allclose(jg @ dgenes, gm.vectors_to_genes((A / T_SPAN @ dx)[None])[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        jg @ dgenes, gm.vectors_to_genes((A / T_SPAN @ dx)[None])[0], atol=1e-6
+    )
     assert np.all(jg[5] == 0) and np.all(jg[:, 5] == 0)  # the unused gene has no edges
     sub_idx, sub = ro.gene_jacobian(model, j, genes=["g2", "g0"])
     np.testing.assert_array_equal(sub_idx, [2, 0])
@@ -159,11 +161,12 @@ def test_perturbation_unused_gene_changes_nothing(two_fates) -> None:
     np.testing.assert_array_equal(none.shift, 0.0)
     np.testing.assert_array_equal(none.perturbed.probabilities, none.baseline.probabilities)
     # over-expressing "a" pushes every start cell to the right fate
-    up = ro.perturb_fate(model, x0, 0.0, 4.0, ref, labels, gene="a", mode="overexpress",
-                         value=1.0, **kw)
+    up = ro.perturb_fate(
+        model, x0, 0.0, 4.0, ref, labels, gene="a", mode="overexpress", value=1.0, **kw
+    )
     assert up.achieved == pytest.approx(1.0)
     assert up.shift[1] > 0.4 and up.perturbed.distribution[1] > 0.95
-    ko = ro.perturb_fate(model, x0 + [0.5, 0, 0], 0.0, 4.0, ref, labels, gene=0, **kw)
+    ko = ro.perturb_fate(model, x0 + np.array([0.5, 0.0, 0.0]), 0.0, 4.0, ref, labels, gene=0, **kw)
     assert ko.value == 0.0 and ko.shift[1] < -0.2
     with pytest.raises(ChronotopeInputError, match="not in the model"):
         ro.perturb_fate(model, x0, 0.0, 4.0, ref, labels, gene="nope")
@@ -184,7 +187,7 @@ def test_landscape_grid_and_fields() -> None:
         model.networks.potential = lin
     ref = np.random.default_rng(6).normal(size=(50, 3))
     gx, gy, u = ro.landscape_grid(model, [0.0, 2.0], ref, n_grid=7)
-    assert u.shape == (2, 7, 7) and gx.shape == (7,)
+    assert u.shape == (2, 7, 7) and gx.shape == gy.shape == (7,)
     np.testing.assert_allclose(u.min(axis=(1, 2)), 0.0)
     assert np.all(np.diff(u[0], axis=1) > 0)  # increases along dims[0]
     f = ro.cell_fields(model, ref, np.repeat([0.0, 4.0], 25))
