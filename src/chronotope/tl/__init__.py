@@ -5,19 +5,40 @@
 - :func:`interpolate_slices` -- generate the slice between two (displacement interpolation).
 - :func:`integrate_slices` -- slices of different platforms in one embedding and one frame.
 - :func:`transfer_labels` -- carry labels from an aligned slice along the stored plan.
+- :func:`fit_dynamics` -- velocity, growth and landscape from time snapshots; read-outs
+  :func:`fate`, :func:`ancestry`, :func:`perturb`, :func:`landscape`,
+  :func:`jacobian_grn`, :func:`dynamics_genes`, :func:`predict_dynamics`.
 """
 
 from __future__ import annotations
 
 from chronotope.tl._domains import spatial_domains
+from chronotope.tl._dynamics import (
+    ancestry,
+    dynamics_genes,
+    fate,
+    fit_dynamics,
+    jacobian_grn,
+    landscape,
+    perturb,
+    predict_dynamics,
+)
 from chronotope.tl._integrate import integrate_slices
 from chronotope.tl._slices import align_slices, interpolate_slices
 from chronotope.tl._transfer import transfer_labels
 
 __all__ = [
     "align_slices",
+    "ancestry",
+    "dynamics_genes",
+    "fate",
+    "fit_dynamics",
     "integrate_slices",
     "interpolate_slices",
+    "jacobian_grn",
+    "landscape",
+    "perturb",
+    "predict_dynamics",
     "spatial_domains",
     "transfer_labels",
 ]
