@@ -284,3 +284,29 @@ def test_cli_errors(capsys, tmp_path) -> None:
         str(tmp_path / "p.h5ad"),
     )
     assert code == 1 and "not a saved DynamicsModel" in err
+
+
+def test_figures(fitted) -> None:
+    from matplotlib.figure import Figure
+
+    a, model = fitted
+    a = a.copy()
+    with pytest.raises(ChronotopeInputError, match=r"tl\.fate"):
+        ct.pl.fate(a)
+    ct.tl.fate(a, model, groupby="branch", n_particles=2, n_boot=5)
+    ct.tl.perturb(a, model, "g0", groupby="branch", n_particles=2, n_boot=0)
+    ct.tl.landscape(a, model, n_grid=6)
+    ct.tl.jacobian_grn(a, model, n_edges=4)
+    figs = [
+        ct.pl.velocity_streamlines(a, color="branch", n_grid=10),
+        ct.pl.velocity_streamlines(a, n_grid=10, dims=(1, 2)),
+        ct.pl.landscape(a),
+        ct.pl.landscape(a, kind="surface", max_panels=1),
+        ct.pl.fate(a, groupby="branch"),
+        ct.pl.perturb(a),
+        ct.pl.grn(a),
+    ]
+    assert all(isinstance(f, Figure) for f in figs)
+    assert len(figs[2].axes) == 3 + 1  # three times and a colour bar
+    with pytest.raises(ChronotopeInputError, match="differ in shape"):
+        ct.pl.velocity_streamlines(a, "X")

@@ -909,3 +909,10 @@ register_section(
     "chronotope.domains._demo:demo_section",
     requires=("chronotope.datasets:demo", "chronotope.tl:spatial_domains"),
 )
+
+register_section(
+    "dynamics",
+    "Dynamics: velocity, growth, landscape, fate",
+    "chronotope.dynamics._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:fit_dynamics"),
+)
