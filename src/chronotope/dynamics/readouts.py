@@ -131,8 +131,8 @@ def _bootstrap(
     lo = np.empty((n, c))
     hi = np.empty((n, c))
     q = [50 * (1 - ci), 50 * (1 + ci)]
-    # keep one bootstrap block below ~32 M floats
-    step = max(1, int(32e6 // max(1, n_boot * p * c)))
+    # one bootstrap block holds at most ~4 M floats per array (~100 MB in all)
+    step = max(1, int(4e6 // max(1, n_boot * p * c)))
     for s in range(0, n, step):
         e = min(n, s + step)
         idx = rng.integers(0, p, size=(n_boot, e - s, p))
