@@ -68,8 +68,13 @@ def test_fit_dynamics_writes_fixed_keys(fitted, tmp_path) -> None:
 
 def test_holdout_and_bad_input() -> None:
     a = _adata()
-    model = ct.tl.fit_dynamics(a, "time", "X_pca", params=TINY, holdout=0.5 + 1e-9)
+    model = ct.tl.fit_dynamics(
+        a, "time", "X_pca", params=TINY, holdout=0.5 + 1e-9, finetune_steps=2
+    )
     np.testing.assert_allclose(model.times_, [0.0, 1.25])
+    assert "finetune" in model.timings_ and a.uns["dynamics"]["params"]["finetune_steps"] == 2
+    with pytest.raises(ChronotopeInputError, match="finetune_steps"):
+        ct.tl.fit_dynamics(a, "time", "X_pca", params=TINY, finetune_steps=-1)
     np.testing.assert_allclose(a.uns["dynamics"]["params"]["holdout"], [0.5])
     assert a.obsm["velocity_X_pca"].shape[0] == a.n_obs  # written on held-out cells too
     with pytest.raises(ChronotopeInputError, match="not a time point"):

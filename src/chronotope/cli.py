@@ -496,6 +496,9 @@ def dynamics_fit(
     growth_prior_key: Annotated[
         str | None, typer.Option(help="obs column with a prior growth rate per cell.")
     ] = None,
+    finetune_steps: Annotated[
+        int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the couplings and the training.")] = 0,
@@ -517,6 +520,7 @@ def dynamics_fit(
         n_steps=n_steps,
         sigma=sigma,
         epsilon=epsilon,
+        finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,
         progress=show_progress(),

@@ -174,6 +174,7 @@ def fit_dynamics(
     sigma: float | None = None,
     epsilon: float | None = None,
     tau_a: float | None = None,
+    finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     progress: bool = False,
@@ -204,6 +205,10 @@ def fit_dynamics(
         ``sigma``, ``epsilon``, ``tau_a`` and ``seed`` override single fields.
     n_steps, sigma, epsilon, tau_a, seed
         See :class:`~chronotope.dynamics.DynamicsParams`.
+    finetune_steps
+        Steps of the optional rollout fine-tune of velocity and growth (unbalanced
+        Sinkhorn divergence + WFR action,
+        :func:`~chronotope.dynamics.finetune.finetune_rollouts`); 0: none.
     device
         Torch device (``"cpu"``, ``"cuda"``; ``None``: CUDA if available).
     progress
@@ -221,6 +226,8 @@ def fit_dynamics(
         (``params``, ``sigma``, ``times``, ``masses``, ``timings``, ``velocity_key``).
     """
     tic = _time.perf_counter()
+    if finetune_steps < 0:
+        raise ChronotopeInputError(f"finetune_steps must be >= 0, got {finetune_steps}.")
     x, t = read_snapshots(adata, time_key, use_rep)
     # the core checks numeric, finite times and enough cells per time point
     from chronotope.dynamics._validate import check_snapshots
@@ -249,6 +256,14 @@ def fit_dynamics(
     gm = gene_map_from_adata(adata, use_rep) if gene_map == "auto" else gene_map
     model = DynamicsModel(p, use_rep=use_rep, gene_map=gm, time_key=time_key, device=device)
     model.fit(x[train], t[train], masses=masses, growth_prior=prior, progress=progress)
+    if finetune_steps:
+        from chronotope.dynamics.finetune import finetune_rollouts
+
+        tic_ft = _time.perf_counter()
+        finetune_rollouts(
+            model, x[train], t[train], n_steps=finetune_steps, seed=seed, progress=progress
+        )
+        model.timings_["finetune"] = _time.perf_counter() - tic_ft
     fields = ro.cell_fields(model, x, t)
     pot = fields["potential"]
     for tv in times:
@@ -267,6 +282,7 @@ def fit_dynamics(
                 "growth_prior_key": growth_prior_key,
                 "gene_map": "none" if gm is None else f"{gm.n_genes} genes",
                 "device": str(model.device),
+                "finetune_steps": int(finetune_steps),
                 **asdict(p),
             }
         ),
