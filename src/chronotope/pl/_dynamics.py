@@ -177,7 +177,7 @@ def landscape(
     rep = adata.uns.get("dynamics", {}).get("params", {}).get("use_rep")
     x = None
     if rep == "X":
-        x = np.asarray(adata.X)
+        x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     elif rep is not None and rep in adata.obsm:
         x = np.asarray(adata.obsm[rep])
     vmax = float(np.percentile(u, 95))
