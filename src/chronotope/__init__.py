@@ -14,6 +14,8 @@ domains
     Graph contrastive encoder and clustering for spatial domains.
 slices
     Alignment, integration, label transfer and interpolation of sections.
+dynamics
+    Velocity, growth and landscape from time snapshots (simulation-free RUOT).
 rank
     Expression from histology features with STRank rank losses (batch-effect robust).
 pp, tl, pl
@@ -42,6 +44,7 @@ _SUBMODULES = (
     "pl",
     "domains",
     "slices",
+    "dynamics",
     "rank",
     "report",
     "demo",

@@ -636,6 +636,118 @@ def rank_evaluate(
     )
 
 
+# --------------------------------------------------------------------------- dynamics
+dynamics_app = typer.Typer(
+    help="Fit population dynamics (velocity, growth, landscape) and predict snapshots.",
+    no_args_is_help=True,
+)
+app.add_typer(dynamics_app, name="dynamics")
+
+
+@dynamics_app.command("fit")
+def dynamics_fit(
+    data: Annotated[Path, typer.Argument(help="Input .h5ad with all time points.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder of the model.")],
+    time_key: Annotated[str, typer.Option(help="obs column with numeric times.")] = "time",
+    use_rep: Annotated[
+        str, typer.Option(help="obsm key of the representation, or X for a low-dimensional .X.")
+    ] = "X_pca",
+    holdout: Annotated[
+        list[float] | None,
+        typer.Option(help="Time point left out of training (repeatable)."),
+    ] = None,
+    n_steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    sigma: Annotated[
+        float | None, typer.Option(help="Diffusion coefficient (default: from --epsilon).")
+    ] = None,
+    epsilon: Annotated[
+        float, typer.Option(help="Entropic regularisation, fraction of the mean cost.")
+    ] = 0.05,
+    growth_prior_key: Annotated[
+        str | None, typer.Option(help="obs column with a prior growth rate per cell.")
+    ] = None,
+    finetune_steps: Annotated[
+        int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the couplings and the training.")] = 0,
+) -> None:
+    """Fit velocity, growth and landscape to time snapshots; save the model to OUT."""
+    import chronotope as ct
+
+    if out.exists() and not out.is_dir():
+        raise _CommandError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise _CommandError(f"output folder {str(out)!r} is not empty; pass --overwrite")
+    adata = read_input(data, check_nonnegative=False)  # a representation, not counts
+    model = ct.tl.fit_dynamics(
+        adata,
+        time_key,
+        use_rep,
+        holdout=holdout or None,
+        growth_prior_key=growth_prior_key,
+        n_steps=n_steps,
+        sigma=sigma,
+        epsilon=epsilon,
+        finetune_steps=finetune_steps,
+        seed=seed,
+        device=None if device == "auto" else device,
+        progress=show_progress(),
+    )
+    model.save(out, overwrite=overwrite)
+    if _state["verbosity"] >= 0:
+        rec = adata.uns["dynamics"]
+        held = ", ".join(f"{v:g}" for v in rec["params"].get("holdout", [])) or "none"
+        typer.echo(
+            f"wrote {out}: {use_rep} ({model.dim}-D), times "
+            f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
+            f"sigma {rec['sigma']:.3g}, {rec['seconds']:.1f} s"
+        )
+
+
+@dynamics_app.command("predict")
+def dynamics_predict(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by 'dynamics fit'.")],
+    data: Annotated[Path, typer.Argument(help="Input .h5ad (its first time point is pushed).")],
+    time: Annotated[float, typer.Option("--time", help="Target time.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad of the particles.")],
+    time_key: Annotated[
+        str | None, typer.Option(help="obs column with times (default: the model's).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="ode (probability flow) or sde.")] = "ode",
+    n_particles: Annotated[int, typer.Option(help="Particles per start cell.")] = 1,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the SDE noise.")] = 0,
+) -> None:
+    """Push the cells of the first time point to --time; write particles and masses."""
+    import chronotope as ct
+
+    if out.suffix != ".h5ad":
+        raise _CommandError(f"output {str(out)!r} must end in .h5ad")
+    if method not in ("ode", "sde"):
+        raise _CommandError(f"--method must be ode or sde, got {method!r}")
+    adata = read_input(data, check_nonnegative=False)
+    pred = ct.tl.predict_dynamics(
+        adata,
+        str(model_dir),
+        time,
+        time_key=time_key,
+        method=method,  # type: ignore[arg-type]
+        n_particles=n_particles,
+        seed=seed,
+        device=None if device == "auto" else device,
+    )
+    write_output(pred, out)
+    if _state["verbosity"] >= 0:
+        rec = pred.uns["dynamics_prediction"]
+        typer.echo(
+            f"wrote {out}: {pred.n_obs} particles in obsm[{rec['params']['use_rep']!r}] at "
+            f"t={time:g} from t={rec['params']['start_time']:g}, total mass "
+            f"{rec['total_mass']:.3f}"
+        )
+
+
 # --------------------------------------------------------------------------- entry point
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:

@@ -911,6 +911,13 @@ register_section(
 )
 
 register_section(
+    "dynamics",
+    "Dynamics: velocity, growth, landscape, fate",
+    "chronotope.dynamics._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:fit_dynamics"),
+)
+
+register_section(
     "rank",
     "Relative expression (STRank losses)",
     "chronotope.rank._demo:demo_section",

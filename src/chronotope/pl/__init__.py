@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from chronotope.pl._domains import domains, gene_importance
+from chronotope.pl._dynamics import fate, grn, landscape, perturb, velocity_streamlines
 from chronotope.pl._rank import rank_losses, rank_maps
 from chronotope.pl._slices import alignment, integration, interpolation
 from chronotope.pl._spatial import spatial
 
-__all__ = ["alignment", "domains", "gene_importance", "integration", "interpolation",
-           "rank_losses", "rank_maps", "spatial"]
+__all__ = [
+    "alignment",
+    "domains",
+    "fate",
+    "gene_importance",
+    "grn",
+    "integration",
+    "interpolation",
+    "landscape",
+    "perturb",
+    "rank_losses",
+    "rank_maps",
+    "spatial",
+    "velocity_streamlines",
+]

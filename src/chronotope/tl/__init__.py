@@ -7,11 +7,24 @@
 - :func:`transfer_labels` -- carry labels from an aligned slice along the stored plan.
 - :func:`histology_features`, :func:`load_embeddings`, :func:`rank_fit`, :func:`rank_predict`,
   :func:`rank_evaluate` -- expression from histology with STRank losses (:mod:`chronotope.rank`).
+- :func:`fit_dynamics` -- velocity, growth and landscape from time snapshots; read-outs
+  :func:`fate`, :func:`ancestry`, :func:`perturb`, :func:`landscape`,
+  :func:`jacobian_grn`, :func:`dynamics_genes`, :func:`predict_dynamics`.
 """
 
 from __future__ import annotations
 
 from chronotope.tl._domains import spatial_domains
+from chronotope.tl._dynamics import (
+    ancestry,
+    dynamics_genes,
+    fate,
+    fit_dynamics,
+    jacobian_grn,
+    landscape,
+    perturb,
+    predict_dynamics,
+)
 from chronotope.tl._integrate import integrate_slices
 from chronotope.tl._rank import (
     histology_features,
@@ -25,10 +38,18 @@ from chronotope.tl._transfer import transfer_labels
 
 __all__ = [
     "align_slices",
+    "ancestry",
+    "dynamics_genes",
+    "fate",
+    "fit_dynamics",
     "histology_features",
     "integrate_slices",
     "interpolate_slices",
+    "jacobian_grn",
+    "landscape",
     "load_embeddings",
+    "perturb",
+    "predict_dynamics",
     "rank_evaluate",
     "rank_fit",
     "rank_predict",
