@@ -479,6 +479,8 @@ def run_case(
             target = subsample(x[t == tk], N_SUB, seed=2000 + k)
             tic = time.perf_counter()
             score = w1(xp, wp, target) if ours else float("nan")
+            # positions only (uniform weights), as the peers, which model no growth
+            score_pos = w1(xp, None, target) if ours else float("nan")
             prev_t = train_times[train_times < tk].max()
             prev = w1(subsample(x[t == prev_t], N_SUB, seed=3000 + k), None, target)
             mc = float("nan")
@@ -497,6 +499,7 @@ def run_case(
                 "t": float(tk),
                 "seed": seed,
                 "w1": score,
+                "w1_pos": score_pos,
                 "previous": prev,
                 "mccann": mc,
                 **peer_w1,
@@ -512,7 +515,8 @@ def run_case(
             rows.append(row)
             peer_txt = "".join(f" | {kind} {peer_w1[kind]:.4f}" for kind in peers)
             print(
-                f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}: W1 {score:.4f} | "
+                f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}: W1 {score:.4f} "
+                f"(positions only {score_pos:.4f}) | "
                 f"previous {prev:.4f} | McCann {mc:.4f}{peer_txt} | mass err "
                 f"{row['mass_err']:.3f} (peers {row['peer_mass_err']:.3f}) | couplings "
                 f"{row['couplings_s']:.1f}s training {row['training_s']:.1f}s simulate "
@@ -537,7 +541,8 @@ def summarise(rows: list[dict[str, object]], truths: list[dict[str, object]]) ->
     if not rows:
         return
     df = pd.DataFrame(rows)
-    cols = [c for c in ("w1", "previous", "mccann", *PEERS, "mass_err", "fit_s") if c in df]
+    names = ("w1", "w1_pos", "previous", "mccann", *PEERS, "mass_err", "fit_s")
+    cols = [c for c in names if c in df]
     print("\nsummary: W1 mean ± sd over training seeds (n = seeds)")
     for (ds, task, tk), g in df.groupby(["dataset", "task", "t"], sort=False):
         parts = []
