@@ -326,17 +326,29 @@ class CFMPeer:
 
 
 # ---------------------------------------------------------------------- truths
-def velocity_jacobian(model: Any, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Cell-averaged Jacobian ``d v_i / d x_j`` of the velocity network (autograd)."""
+def velocity_jacobian(
+    model: Any, x: np.ndarray, t: np.ndarray, *, drift: bool = False
+) -> np.ndarray:
+    """Cell-averaged Jacobian ``d f_i / d x_j`` (autograd) of the velocity network.
+
+    ``drift=True``: of the SDE drift ``v + D * score`` (``score = -grad U``), the field
+    that corresponds to a simulator's drift; the probability-flow velocity differs from
+    it by ``-D grad log p``, whose Jacobian ``-D Hess log p`` is positive near modes.
+    """
     import torch
 
     frame = model._frame
     nets = model.networks
     z = torch.as_tensor(frame.z(x), dtype=torch.float32).requires_grad_(True)
     tau = torch.as_tensor([[frame.tau(v)] for v in t], dtype=torch.float32)
-    v = nets.velocity(torch.cat([z, tau], 1))
-    rows = [torch.autograd.grad(v[:, i].sum(), z, retain_graph=True)[0] for i in range(x.shape[1])]
-    jac = torch.stack(rows, 1).mean(0).numpy()  # d v_z / d z, averaged over cells
+    inp = torch.cat([z, tau], 1)
+    f = nets.velocity(inp)
+    if drift:
+        diff_z = 0.5 * (float(model.sigma_) * math.sqrt(frame.t_span) / frame.scale) ** 2
+        (grad_u,) = torch.autograd.grad(nets.potential(inp)[:, 0].sum(), z, create_graph=True)
+        f = f - diff_z * grad_u
+    rows = [torch.autograd.grad(f[:, i].sum(), z, retain_graph=True)[0] for i in range(x.shape[1])]
+    jac = torch.stack(rows, 1).mean(0).detach().numpy()  # d f_z / d z, averaged over cells
     return jac.astype(np.float64) / frame.t_span  # in representation units per time
 
 
@@ -380,15 +392,17 @@ def truth_lines(name: str, d: Data, model: Any, peers: dict[str, Any], seed: int
             pv = np.concatenate([peer.velocity(d.x[d.t == v], v) for v in np.unique(d.t)])
             out[f"cos_{kind}"] = cosine(pv, tv)
         j_learn = velocity_jacobian(model, d.x, d.t)
+        j_drift = velocity_jacobian(model, d.x, d.t, drift=True)
         j_true = true_jacobian(d.velocity, d.x)
         out["jac_sign_agree"] = float(np.mean(np.sign(j_learn) == np.sign(j_true)))
+        out["jac_drift_sign_agree"] = float(np.mean(np.sign(j_drift) == np.sign(j_true)))
         print(
             f"{name:16s} truth seed={seed}: cosine(v, true) {out['cos_velocity']:.3f} | "
             f"cosine(v + D score, true) {out['cos_drift']:.3f} | "
             + " | ".join(f"cosine({k}) {out[f'cos_{k}']:.3f}" for k in peers)
-            + f" | Jacobian sign agreement {out['jac_sign_agree']:.2f} "
-            f"(learned {np.array2string(j_learn, precision=3)}, "
-            f"true {np.array2string(j_true, precision=3)})",
+            + f" | Jacobian sign agreement: velocity {out['jac_sign_agree']:.2f}, drift "
+            f"{out['jac_drift_sign_agree']:.2f} (velocity {j_learn.round(3).tolist()}, "
+            f"drift {j_drift.round(3).tolist()}, true {j_true.round(3).tolist()})",
             flush=True,
         )
     if d.growth_truth is not None:
