@@ -583,8 +583,9 @@ def summarise(rows: list[dict[str, object]], truths: list[dict[str, object]]) ->
                 if c in ("dataset", "seed") or g[c].isna().all():
                     continue
                 v = g[c].to_numpy(np.float64)
-                sd = np.nanstd(v, ddof=1) if v.size > 1 else 0.0
-                parts.append(f"{c} {np.nanmean(v):.3f}±{sd:.3f}")
+                v = v[~np.isnan(v)]
+                sd = np.std(v, ddof=1) if v.size > 1 else 0.0
+                parts.append(f"{c} {v.mean():.3f}±{sd:.3f} (n={v.size})")
             print(f"  {ds:16s} n={len(g)}: " + " | ".join(parts))
 
 
