@@ -71,6 +71,8 @@ Usage::
     OMP_NUM_THREADS=2 python benchmarks/dynamics.py --datasets deepruot_emt,mouse --seeds 0,1,2,3,4
     python benchmarks/dynamics.py --quick                      # smoke test, minutes
     python benchmarks/dynamics.py --datasets misa --tasks all --peers none
+    python benchmarks/dynamics.py --datasets mouse --no-ours --peers otcfm --out peers.jsonl
+    python benchmarks/dynamics.py --summarise run1.jsonl peers.jsonl   # tables over several runs
 """
 
 from __future__ import annotations
