@@ -262,7 +262,9 @@ def test_diffusionot_time_series() -> None:
     assert w.obs["cell_type"].nunique() == 11
     m = ds.misa()
     _is_time_series(m, 2)
-    assert _sizes(m) == {0.0: 500, 1.0: 716, 2.0: 771, 3.0: 738}
+    assert _sizes(m) == {0.0: 500, 1.0: 716, 2.0: 771, 6.0: 738}
+    assert _sizes(ds.misa(times=None)) == {0.0: 500, 1.0: 716, 2.0: 771, 3.0: 738}
+    np.testing.assert_array_equal(np.unique(m.obs["time_point"]), [0, 1, 2, 3])
 
 
 @needs_data

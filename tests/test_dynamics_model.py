@@ -55,6 +55,17 @@ def test_recovers_constant_drift(drift_model) -> None:
     np.testing.assert_allclose(back.x[-1].std(0), [0.5, 0.5], atol=0.1)
 
 
+def test_fields_are_held_at_the_ends_of_the_training_range(drift_model) -> None:
+    model, x, t = drift_model
+    pts = np.random.default_rng(3).normal(size=(50, 2)) * 0.4 + 2 * DRIFT
+    np.testing.assert_array_equal(model.velocity(pts, 5.0), model.velocity(pts, 2.0))
+    np.testing.assert_array_equal(model.growth(pts, -1.0), model.growth(pts, 0.0))
+    np.testing.assert_array_equal(model.score(pts, 9.0), model.score(pts, 2.0))
+    # Extrapolating a constant drift a little past the last time point continues it.
+    res = model.simulate(x[t == 2], 2.0, 2.5, method="ode")
+    np.testing.assert_allclose(res.x[-1].mean(0), 2.5 * DRIFT, atol=0.15)
+
+
 def test_score_is_gradient_of_learned_potential(drift_model) -> None:
     model, _, _ = drift_model
     # the score points towards the mode of N(DRIFT, 0.5^2 I) at t = 1

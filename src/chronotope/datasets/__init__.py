@@ -22,7 +22,15 @@ from chronotope.datasets._spatial import (
     mouse_olfactory_bulb,
     starmap,
 )
-from chronotope.datasets._timeseries import deepruot, emt, misa, tigon, weinreb, wot
+from chronotope.datasets._timeseries import (
+    deepruot,
+    emt,
+    misa,
+    misa_velocity,
+    tigon,
+    weinreb,
+    wot,
+)
 
 __all__ = [
     "DEMO_DESCRIPTIONS",
@@ -38,6 +46,7 @@ __all__ = [
     "her2st",
     "load",
     "misa",
+    "misa_velocity",
     "mouse_brain_raw",
     "mouse_olfactory_bulb",
     "starmap",

@@ -13,7 +13,7 @@ from anndata import AnnData
 from chronotope._errors import ChronotopeInputError
 from chronotope.datasets._registry import dataset_path, register
 
-__all__ = ["deepruot", "emt", "misa", "tigon", "weinreb", "wot"]
+__all__ = ["deepruot", "emt", "misa", "misa_velocity", "tigon", "weinreb", "wot"]
 
 DataDir = str | os.PathLike[str] | None
 
@@ -173,12 +173,19 @@ def _stack(parts: Sequence[np.ndarray], times: Sequence[float]) -> tuple[np.ndar
     return x, t
 
 
-@register("misa", "Simulated MISA two-gene network, 4 time points")
-def misa(*, data_dir: DataDir = None) -> AnnData:
+#: DiffusionOT's default time grid for the MISA snapshots (``create_args`` in its utility.py).
+MISA_TIMES = (0.0, 1.0, 2.0, 6.0)
+
+
+@register("misa", "Simulated MISA two-gene network, 4 time points (t = 0, 1, 2, 6)")
+def misa(*, times: Sequence[float] | None = MISA_TIMES, data_dir: DataDir = None) -> AnnData:
     """Simulated mutual-inhibition / self-activation (MISA) two-gene network snapshots.
 
     Parameters
     ----------
+    times
+        Real time of each of the four snapshots; default DiffusionOT's grid
+        ``(0, 1, 2, 6)``. ``None``: the time-point index 0…3.
     data_dir
         Data folder (default: see :func:`get_data_dir`).
 
@@ -186,24 +193,29 @@ def misa(*, data_dir: DataDir = None) -> AnnData:
     -------
     AnnData
         2,725 cells x 2 genes (``gene1``, ``gene2``), ``.X`` ``float32``;
-        ``obs["time"]`` = time-point index 0.0…3.0 (500, 716, 771, 738 cells).
+        ``obs["time"]`` = ``times`` (500, 716, 771, 738 cells);
+        ``obs["time_point"]`` = index 0…3.
 
     Notes
     -----
     Source: GitHub ``liujuntan/DiffusionOT``, ``Input/MISA.npy`` (commit bb3c5bd);
-    licence MIT. Synthetic data. Citation: Liu J, Li C, Zhou P, Nie Q. DiffusionOT
-    (GitHub liujuntan/DiffusionOT, 2025).
+    licence MIT. Synthetic data; the true drift is :func:`misa_velocity`. Citation: Liu J,
+    Li C, Zhou P, Nie Q. DiffusionOT (GitHub liujuntan/DiffusionOT, 2025).
     """
     arr = np.load(
         dataset_path("diffusionot_inputs", "MISA.npy", data_dir=data_dir), allow_pickle=True
     )
     parts = list(arr.ravel())
-    x, t = _stack(parts, range(len(parts)))
+    grid = list(range(len(parts))) if times is None else [float(v) for v in times]
+    if len(grid) != len(parts):
+        raise ChronotopeInputError(f"MISA.npy has {len(parts)} time points; got {len(grid)} times.")
+    x, t = _stack(parts, grid)
     return _adata(
         x,
         t,
         obsm_key=None,
         var_prefix="gene",
+        obs={"time_point": np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])},
         info={
             "name": "misa",
             "source": _DOT_SOURCE + " MISA.npy",
@@ -211,6 +223,39 @@ def misa(*, data_dir: DataDir = None) -> AnnData:
             "license": _DOT_LICENSE,
         },
     )
+
+
+def misa_velocity(x: Any) -> Any:
+    r"""True drift of the MISA simulation (DiffusionOT ``True_v``).
+
+    .. math::
+
+        \dot x_1 = \frac{a x_1^n}{s^n + x_1^n} + \frac{b s^n}{s^n + x_2^n} - k x_1, \qquad
+        \dot x_2 = \frac{a x_2^n}{s^n + x_2^n} + \frac{b s^n}{s^n + x_1^n} - k x_2,
+
+    with ``a = 0.7``, ``b = 0.8``, ``s = 0.5``, ``n = 4``, ``k = 1`` (self-activation plus
+    mutual inhibition).
+
+    Parameters
+    ----------
+    x
+        ``(n, 2)`` points, a numpy array or a torch tensor (differentiable).
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        ``(n, 2)`` velocities, the same type as ``x``.
+    """
+    a, b, s, n, k = 0.7, 0.8, 0.5, 4, 1.0
+    x1, x2 = x[:, 0], x[:, 1]
+    sn = s**n
+    d1 = a * x1**n / (sn + x1**n) + b * sn / (sn + x2**n) - k * x1
+    d2 = a * x2**n / (sn + x2**n) + b * sn / (sn + x1**n) - k * x2
+    if isinstance(x, np.ndarray):
+        return np.stack([d1, d2], axis=1)
+    import torch
+
+    return torch.stack([d1, d2], dim=1)
 
 
 # name -> (file, times, time labels, citation of the underlying data)

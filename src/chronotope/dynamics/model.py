@@ -303,6 +303,16 @@ class _Frame:
         return (t - self.t_min) / self.t_span
 
 
+def _clamp_tau(tau: float) -> float:
+    """Network time input, held at the ends of the training range ``[0, 1]``.
+
+    Outside the time range it was trained on, a network's time input is an
+    extrapolation with no data behind it; the fields there are those at the nearest
+    training end (the last interval's drift and growth continue).
+    """
+    return min(max(tau, 0.0), 1.0)
+
+
 @dataclass
 class _History:
     loss: list[float] = field(default_factory=list)
@@ -527,7 +537,9 @@ class DynamicsModel:
     def _field(self, x: np.ndarray, t: float, what: str, chunk: int = 65536) -> np.ndarray:
         nets, frame = self._require_fit()
         z = torch.as_tensor(frame.z(self._points(x)), dtype=torch.float32, device=self.device)
-        tau = torch.tensor([[frame.tau(float(t))]], dtype=torch.float32, device=self.device)
+        tau = torch.tensor(
+            [[_clamp_tau(frame.tau(float(t)))]], dtype=torch.float32, device=self.device
+        )
         outs = []
         for start in range(0, z.shape[0], chunk):
             zb = z[start : start + chunk]
@@ -660,7 +672,7 @@ class DynamicsModel:
         nets: _Networks, z: torch.Tensor, tau: float, h: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
-            tt_t = torch.tensor([[tt]], dtype=zz.dtype, device=zz.device)
+            tt_t = torch.tensor([[_clamp_tau(tt)]], dtype=zz.dtype, device=zz.device)
             return nets.v(zz, tt_t), nets.g(zz, tt_t)
 
         with torch.no_grad():
@@ -681,7 +693,7 @@ class DynamicsModel:
         sig_z: float,
         gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        tt = torch.tensor([[tau]], dtype=z.dtype, device=z.device)
+        tt = torch.tensor([[_clamp_tau(tau)]], dtype=z.dtype, device=z.device)
         with torch.no_grad():
             v = nets.v(z, tt)
             g = nets.g(z, tt)
