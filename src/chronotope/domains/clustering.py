@@ -888,7 +888,7 @@ def cluster_embedding(
         Number of clusters. Only ``"leiden"`` accepts ``None`` (then its
         ``resolution`` keyword, default 1, is used as is).
     method
-        ``"gmm"`` (:func:`gmm_eee`, mclust EEE), ``"kmeans"`` (:func:`kmeans`) or
+        ``"gmm"`` (:func:`gmm_eee`, mclust EEE, or EII by BIC), ``"kmeans"`` (:func:`kmeans`) or
         ``"leiden"`` (:func:`leiden`, resolution searched for ``n_clusters``).
     random_state
         Seed passed to the method.
