@@ -57,6 +57,20 @@ def isotropic_blobs(n_centres: int, seed: int = 1) -> tuple[np.ndarray, np.ndarr
     return centres[truth] + rng.standard_normal((len(truth), 10)), truth
 
 
+def small_noisy_tail(seed: int = 0, n_per: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Five clusters on 2 signal dimensions plus 18 heavy-tailed low-variance ones.
+
+    The shape of the mouse olfactory bulb embedding (262 spots, PCA 20): two strong
+    components and a flat tail of noise, noisier in one cluster (low-count spots).
+    """
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(5), n_per)
+    signal = np.c_[truth * 6.0, np.zeros(len(truth))] + rng.standard_normal((len(truth), 2))
+    scale = np.where(truth == 4, 3.0, 1.0)[:, None]
+    tail = rng.standard_t(5, size=(len(truth), 18)) * 0.5 * scale
+    return np.c_[signal, tail], truth
+
+
 def ari(a: np.ndarray, b: np.ndarray) -> float:
     return float(adjusted_rand_score(a, b))
 
@@ -77,6 +91,36 @@ def test_gmm_eee_beats_kmeans_on_elongated_clusters():
     score_km = ari(kmeans(X, 3), truth)
     assert score_gmm > 0.95
     assert score_km < 0.6  # k-means cuts across the strips
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gmm_eee_small_data_does_not_collapse(seed):
+    """The full tied covariance (210 parameters at d = 20) on 250 points fits the noisy
+    tail: some components hold only a few outliers each (the mouse olfactory bulb gave
+    225, 14, 8, 8, 7 spots, ARI 0.05). BIC then prefers the spherical tied model."""
+    X, truth = small_noisy_tail(seed)
+    eee = gmm_eee(X, 5, covariance="EEE")
+    assert ari(eee, truth) < 0.3  # the collapse, kept reachable on purpose
+    assert (np.bincount(eee, minlength=5) < 13).sum() >= 2  # components of a few outliers
+    labels = gmm_eee(X, 5)
+    assert ari(labels, truth) > 0.9
+    np.testing.assert_array_equal(labels, gmm_eee(X, 5, covariance="EII"))
+
+
+def test_gmm_eee_bic_keeps_eee_when_data_pay_for_it():
+    X, truth = parallel_strips()
+    np.testing.assert_array_equal(gmm_eee(X, 3), gmm_eee(X, 3, covariance="EEE"))
+    assert ari(gmm_eee(X, 3, covariance="EII"), truth) < 0.6  # spherical cuts across
+
+
+def test_spherical_em_matches_kmeans_model():
+    """EII EM: one shared variance, the mean of the per-dimension within variances."""
+    X, truth = isotropic_blobs(3)
+    _, start = clustering._eee_em(X, truth, 3, max_iter=0, tol=1e-6, reg_covar=0.0, spherical=True)
+    means = np.array([X[truth == j].mean(axis=0) for j in range(3)])
+    sigma2 = ((X - means[truth]) ** 2).mean()
+    np.testing.assert_allclose(start["means_init"], means, atol=1e-10)
+    np.testing.assert_allclose(start["precisions_init"], np.eye(10) / sigma2, rtol=1e-6)
 
 
 def test_gmm_eee_float32_and_canonical_labels():
@@ -318,6 +362,8 @@ def test_bad_inputs():
         kmeans(sp.csr_matrix(X), 3)
     with pytest.raises(ChronotopeInputError, match="n_init"):
         gmm_eee(X, 3, n_init=0)
+    with pytest.raises(ChronotopeInputError, match="covariance"):
+        gmm_eee(X, 3, covariance="VVV")
     coords = np.random.default_rng(0).random((80, 2))
     with pytest.raises(ChronotopeInputError, match="80 rows"):
         refine_labels(np.zeros(79), coords)

@@ -166,8 +166,10 @@ def spatial_domains(
        ``batch_key``), unless ``obsp["spatial_connectivities"]`` exists;
     3. :class:`chronotope.domains.DomainModel` trained on all spots (slices share weights);
     4. PCA (20 components) of the embedding, then ``method``: a tied-covariance Gaussian
-       mixture (mclust ``EEE``), k-means, or leiden with a resolution bisection to
-       ``n_domains``; with ``refine=True`` a 6-nearest-neighbour majority vote (per slice).
+       mixture (mclust ``EEE``; the spherical ``EII`` when its BIC is higher, which
+       happens on small, noisy data, see :func:`chronotope.domains.gmm_eee`), k-means,
+       or leiden with a resolution bisection to ``n_domains``; with ``refine=True`` a
+       6-nearest-neighbour majority vote (per slice).
 
     Parameters
     ----------
