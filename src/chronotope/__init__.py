@@ -14,6 +14,8 @@ domains
     Graph contrastive encoder and clustering for spatial domains.
 slices
     Alignment, integration, label transfer and interpolation of sections.
+undiffuse
+    Diffusion correction: kernels, forward model, EM deconvolution, estimation.
 pp, tl, pl
     AnnData layer: preprocessing (spatial neighbours) and plots.
 report, demo
@@ -40,6 +42,7 @@ _SUBMODULES = (
     "pl",
     "domains",
     "slices",
+    "undiffuse",
     "report",
     "demo",
 )

@@ -5,5 +5,15 @@ from __future__ import annotations
 from chronotope.pl._domains import domains, gene_importance
 from chronotope.pl._slices import alignment, integration, interpolation
 from chronotope.pl._spatial import spatial
+from chronotope.pl._undiffuse import out_of_tissue, undiffuse
 
-__all__ = ["alignment", "domains", "gene_importance", "integration", "interpolation", "spatial"]
+__all__ = [
+    "alignment",
+    "domains",
+    "gene_importance",
+    "integration",
+    "interpolation",
+    "out_of_tissue",
+    "spatial",
+    "undiffuse",
+]

@@ -407,11 +407,19 @@ class LowRankResult:
     heldout_trace: np.ndarray
     n_fixed: int = 0
     diffusion_fraction: np.ndarray | None = None
+    gene_scale: np.ndarray | None = None
 
     def sources(self, rows: slice | None = None) -> np.ndarray:
-        """Dense sources ``H @ W`` (tissue x G), optionally for a slice of tissue rows."""
+        """Dense sources ``H @ W`` (tissue x G), optionally for a slice of tissue rows.
+
+        Each gene is rescaled by ``gene_scale`` (within a fraction of a percent of 1) so
+        that its total equals the observed total exactly.
+        """
         h = self.h if rows is None else self.h[rows]
-        return (h @ self.w).astype(np.float32)
+        z = h @ self.w
+        if self.gene_scale is not None:
+            z = z * self.gene_scale[None, :]
+        return z.astype(np.float32)
 
 
 class _SparseCounts:
@@ -605,6 +613,9 @@ def lowrank_deconvolve(
     stay.index_add_(0, c.rows, (c.vals * own / rate).double())
     observed = torch.as_tensor(np.asarray(xs.sum(axis=1)).ravel(), device=dev)
     frac = torch.where(observed > 0, 1.0 - stay / observed.clamp_min(_TINY), 0.0)
+    fitted = (h.sum(dim=0, keepdim=True).double() @ w.double()).cpu().numpy().ravel()
+    gtot = np.asarray(xs.sum(axis=0)).ravel()
+    gene_scale = np.where(fitted > 0, gtot / np.maximum(fitted, _TINY), 1.0)
     return LowRankResult(
         h=h.cpu().numpy(),
         w=w.cpu().numpy(),
@@ -613,4 +624,5 @@ def lowrank_deconvolve(
         heldout_trace=held_trace,
         n_fixed=m,
         diffusion_fraction=frac.clamp(0.0, 1.0).cpu().numpy(),
+        gene_scale=gene_scale,
     )
