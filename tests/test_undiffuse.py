@@ -193,7 +193,7 @@ def test_tl_undiffuse_writes_results_and_roundtrips(tmp_path):
 
     import chronotope as ct
 
-    ad, z = _adata()
+    ad, _ = _adata()
     ct.tl.undiffuse(ad, rank=4, round_counts=True)
     lay = ad.layers["undiffused"]
     assert sp.issparse(lay) and lay.dtype == np.float32 and lay.shape == ad.shape
