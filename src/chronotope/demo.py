@@ -909,3 +909,10 @@ register_section(
     "chronotope.domains._demo:demo_section",
     requires=("chronotope.datasets:demo", "chronotope.tl:spatial_domains"),
 )
+
+register_section(
+    "undiffuse",
+    "Diffusion correction (Richardson-Lucy / EM, semi-relaxed OT)",
+    "chronotope.undiffuse._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:undiffuse"),
+)
