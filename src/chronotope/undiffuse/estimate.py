@@ -85,7 +85,7 @@ def fit_totals(
         rate = w[0] * r_self + w[1] * r_k + w[2] * r_u
         rate = rate.clamp_min(_TINY)
         ll = float((torch.xlogy(x, rate) - rate).sum())
-        q = x / rate
+        q = torch.where(rate > 1e-12 * float(rate.max()), x / rate, torch.zeros_like(rate))
         back = w[0] * q + w[1] * kernel.apply_t(q.to(kernel.dtype)).to(torch.float64)
         back = back + w[2] * q.sum() / n
         tot = float(x.sum())
