@@ -389,6 +389,8 @@ def run_scale(args) -> None:
     ad.obsm["spatial"] = xy
     del src, x, obs_x
     kw = {"n_iter": args.n_iter if args.n_iter != "auto" else "auto"}
+    if args.fixed:  # skip the estimation: sigma 1.5, bleed 0.3, background 0.1
+        kw.update(sigma=1.5, bleed=0.3, background=0.1)
     with PeakRSS() as m:
         ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw)
     u = ad.uns["undiffused"]
@@ -396,7 +398,7 @@ def run_scale(args) -> None:
         f"scale {args.lattice} {n} spots x {args.genes} genes (nnz {ad.X.nnz}): time_s "
         f"{m.wall:.1f} (estimate {u['seconds_estimate']:.1f}, fit {u['seconds_fit']:.1f}), "
         f"peak_rss_gb {m.peak / 2**30:.2f} (+{m.delta / 2**30:.2f}), rank {args.rank}, n_iter "
-        f"{args.n_iter}, kernel {u['kernel_method']}, sigma {u['sigma']:.2f}"
+        f"{args.n_iter}, kernel {u['kernel_method']}, sigma {u['sigma']:.2f}, cpu_s {m.cpu:.1f}"
     )
 
 
@@ -412,6 +414,7 @@ def main() -> None:
     ap.add_argument("--lattice", choices=["hex", "square"], default="hex")
     ap.add_argument("--rank", type=int, default=30)
     ap.add_argument("--n-iter", default="auto")
+    ap.add_argument("--fixed", action="store_true", help="scale: give the parameters")
     args = ap.parse_args()
     if args.n_iter != "auto":
         args.n_iter = int(args.n_iter)
