@@ -18,6 +18,8 @@ dynamics
     Velocity, growth and landscape from time snapshots (simulation-free RUOT).
 rank
     Expression from histology features with STRank rank losses (batch-effect robust).
+undiffuse
+    Diffusion correction: kernels, forward model, EM deconvolution, estimation.
 pp, tl, pl
     AnnData layer: preprocessing (spatial neighbours) and plots.
 report, demo
@@ -46,6 +48,7 @@ _SUBMODULES = (
     "slices",
     "dynamics",
     "rank",
+    "undiffuse",
     "report",
     "demo",
 )

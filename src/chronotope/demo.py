@@ -923,3 +923,10 @@ register_section(
     "chronotope.rank._demo:demo_section",
     requires=("chronotope.rank:simulate", "chronotope.tl:rank_fit"),
 )
+
+register_section(
+    "undiffuse",
+    "Diffusion correction (Richardson-Lucy / EM, semi-relaxed OT)",
+    "chronotope.undiffuse._demo:demo_section",
+    requires=("chronotope.datasets:demo", "chronotope.tl:undiffuse"),
+)

@@ -7,6 +7,7 @@ from chronotope.pl._dynamics import fate, grn, landscape, perturb, velocity_stre
 from chronotope.pl._rank import rank_losses, rank_maps
 from chronotope.pl._slices import alignment, integration, interpolation
 from chronotope.pl._spatial import spatial
+from chronotope.pl._undiffuse import out_of_tissue, undiffuse
 
 __all__ = [
     "alignment",
@@ -17,9 +18,11 @@ __all__ = [
     "integration",
     "interpolation",
     "landscape",
+    "out_of_tissue",
     "perturb",
     "rank_losses",
     "rank_maps",
     "spatial",
+    "undiffuse",
     "velocity_streamlines",
 ]

@@ -10,6 +10,8 @@
 - :func:`fit_dynamics` -- velocity, growth and landscape from time snapshots; read-outs
   :func:`fate`, :func:`ancestry`, :func:`perturb`, :func:`landscape`,
   :func:`jacobian_grn`, :func:`dynamics_genes`, :func:`predict_dynamics`.
+- :func:`undiffuse` -- undo lateral mRNA diffusion (EM deconvolution, estimated kernel).
+- :func:`simulate_diffusion` -- diffuse known counts with the same forward model.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from chronotope.tl._rank import (
 )
 from chronotope.tl._slices import align_slices, interpolate_slices
 from chronotope.tl._transfer import transfer_labels
+from chronotope.tl._undiffuse import simulate_diffusion, undiffuse
 
 __all__ = [
     "align_slices",
@@ -53,6 +56,8 @@ __all__ = [
     "rank_evaluate",
     "rank_fit",
     "rank_predict",
+    "simulate_diffusion",
     "spatial_domains",
     "transfer_labels",
+    "undiffuse",
 ]
