@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import nn
 
+from chronotope._atomic import save_json, save_state_dict
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.graph import normalize_adjacency
@@ -564,13 +564,8 @@ class DomainModel:
             "n_pcs": int(net.decoder.shape[1]),
             "format": 1,
         }
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".tmp") as tmp:
-            torch.save(state, tmp)
-        os.replace(tmp.name, path / _WEIGHTS)
-        with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as tmp:
-            json.dump(meta, tmp, indent=1)
-        os.replace(tmp.name, path / _PARAMS)
+        save_state_dict(net, path / _WEIGHTS)
+        save_json(meta, path / _PARAMS)
         return path
 
     @classmethod

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chronotope._atomic import save_json, save_state_dict
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
@@ -727,10 +728,7 @@ class DynamicsModel:
             "timings": self.timings_,
             "has_gene_map": self.gene_map is not None,
         }
-        state = {k: v.detach().cpu() for k, v in nets.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".tmp") as tmp:
-            torch.save(state, tmp)
-        os.replace(tmp.name, path / _WEIGHTS)
+        save_state_dict(nets, path / _WEIGHTS)
         if self.gene_map is not None:
             gm = self.gene_map
             arrays: dict[str, np.ndarray] = {"loadings": gm.loadings}
@@ -741,9 +739,7 @@ class DynamicsModel:
             with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".npz") as tmp:
                 np.savez(tmp, **arrays)
             os.replace(tmp.name, path / _GENES)
-        with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as tmp:
-            json.dump(config, tmp, indent=1)
-        os.replace(tmp.name, path / _CONFIG)
+        save_json(config, path / _CONFIG)
         return path
 
     @classmethod

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chronotope._atomic import save_json, save_state_dict
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.rank.losses import LOSSES, PAIR_LOSSES, log_size_factors, sample_pairs
@@ -478,13 +478,8 @@ class RankModel:
             "history": self.history_,
             "format": 1,
         }
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=path, delete=False, suffix=".tmp") as tmp:
-            torch.save(state, tmp)
-        os.replace(tmp.name, path / _WEIGHTS)
-        with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as tmp:
-            json.dump(meta, tmp, indent=1)
-        os.replace(tmp.name, path / _PARAMS)
+        save_state_dict(net, path / _WEIGHTS)
+        save_json(meta, path / _PARAMS)
         return path
 
     @classmethod
