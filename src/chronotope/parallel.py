@@ -74,7 +74,8 @@ def describe_scheduler(scheduler: Scheduler) -> str:
     if scheduler is None:
         return "in-process"
     if _is_client(scheduler):
-        return f"dask client {getattr(scheduler, 'scheduler', None) and scheduler.scheduler.address}"
+        address = getattr(getattr(scheduler, "scheduler", None), "address", "?")
+        return f"dask client {address}"
     return str(scheduler)
 
 
