@@ -160,6 +160,7 @@ def undiffuse(
     progress: bool = False,
     key_added: str = "undiffused",
     copy: bool = False,
+    sigma_modules: int | None = None,
 ) -> AnnData | None:
     """Undo lateral mRNA diffusion: maximum-likelihood sources of the observed counts.
 
@@ -225,6 +226,13 @@ def undiffuse(
         Name of the layer and of the ``uns`` entry.
     copy
         Return a modified copy instead of writing in place.
+    sigma_modules
+        ``None``: one ``sigma`` for all genes. An int ``k``: cluster the genes into ``k``
+        modules by spatial co-expression, estimate a multiplier on ``sigma`` (and
+        ``bleed``, ``background`` unless given) per module by profile likelihood on the
+        module's summed counts, and correct each module with its own parameters
+        (:mod:`chronotope.undiffuse.modules`). Writes ``var[f"{key_added}_module"]`` and
+        ``uns[key_added]["modules"]``.
 
     Returns
     -------
@@ -262,6 +270,7 @@ def undiffuse(
         "reference_key": reference_key,
         "round_counts": round_counts,
         "seed": seed,
+        "sigma_modules": sigma_modules,
     }
     if kernel not in ("gaussian", "student"):
         raise ChronotopeInputError(f"kernel must be 'gaussian' or 'student', got {kernel!r}")
@@ -326,7 +335,36 @@ def undiffuse(
     op = DiffusionOperator(k, tis, est.bleed, est.background)
     xg = sp.csr_matrix(x[:, np.flatnonzero(gmask)])
     t_fit = time.perf_counter()
-    if method == "lowrank":
+    if sigma_modules is not None:
+        from chronotope.tl._undiffuse_modules import fit_by_module
+
+        z, n_it, frac, trace, htrace, extra = fit_by_module(
+            adata,
+            xg,
+            tis,
+            coords,
+            lattice,
+            est,
+            sigma_modules,
+            var_names=adata.var_names[gmask],
+            spatial_key=spatial_key,
+            kernel=kernel,
+            kernel_method=kernel_method,
+            fixed=(b_fix, g_fix),
+            sub_kwargs={
+                "n_iter": n_iter,
+                "method": method,
+                "rank": rank,
+                "refine": refine,
+                "reference": reference,
+                "reference_key": reference_key,
+                "memory_gb": memory_gb,
+                "progress": progress,
+            },
+            device=dev,
+            seed=seed,
+        )
+    elif method == "lowrank":
         res = lowrank_deconvolve(
             xg,
             op,
@@ -386,6 +424,10 @@ def undiffuse(
     ncol = np.zeros(adata.n_vars)
     ncol[gmask] = n_it
     adata.var[f"{key_added}_n_iter"] = ncol
+    if "module_labels" in extra:
+        mcol = np.full(adata.n_vars, -1, dtype=np.int64)
+        mcol[gmask] = extra.pop("module_labels")
+        adata.var[f"{key_added}_module"] = mcol
     info: dict[str, Any] = {
         "params": {k_: ("auto" if v is None else v) for k_, v in params.items()},
         "sigma": est.sigma,
