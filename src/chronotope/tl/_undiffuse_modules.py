@@ -51,7 +51,7 @@ def fit_by_module(
         raise ChronotopeInputError(f"sigma_modules must be None or an int >= 1: {n_modules!r}")
     if n_modules < 1:
         raise ChronotopeInputError(f"sigma_modules must be None or an int >= 1: {n_modules!r}")
-    labels = gene_modules(xg, coords, int(n_modules), seed=seed)
+    labels = gene_modules(xg, coords, int(n_modules), tissue=tis, seed=seed)
     fit = module_multipliers(
         xg,
         labels,
