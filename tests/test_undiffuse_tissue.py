@@ -97,3 +97,24 @@ def test_tl_undiffuse_without_tissue_key():
     assert d["ssim_image_corrected"] is None or -1 <= d["ssim_image_corrected"] <= 1
     with pytest.raises(ValueError, match="tissue_method"):
         ct.tl.undiffuse(ad, tissue_method="nope", **kw)
+
+
+def test_cli_undiffuse_without_tissue_flag(tmp_path, capsys):
+    import anndata
+
+    from chronotope.cli import main
+
+    ad = _totals()[3]
+    del ad.obs["in_tissue"]
+    ad.write_h5ad(tmp_path / "in.h5ad")
+    args = ["undiffuse", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad")]
+    args += ["--tissue-key", "none", "--sigma", "1.5", "--bleed", "0.5", "--background", "0.2"]
+    args += ["--n-iter", "10", "--rank", "3"]
+    args += ["--figures", str(tmp_path / "fig")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert (exc.value.code or 0) == 0, capsys.readouterr().err
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert out.layers["undiffused"].shape == ad.shape
+    assert "undiffuse_tissue" in out.obs
+    assert (tmp_path / "fig" / "out_of_tissue.png").is_file()

@@ -20,7 +20,8 @@ threshold of ``log1p(t)``.
 
 Image (:func:`image_tissue`): the H&E image of a Visium library (``uns["spatial"]``):
 the saturation of the image averaged over each spot's footprint, Otsu-thresholded; a
-per-spot tissue probability by a logistic of the distance to the threshold.
+per-spot tissue probability by a logistic of the distance to the threshold, averaged
+over the spot's nearest neighbours (soft majority vote).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def learn_tissue(
     t_start: float = 0.25,
     t_end: float = 0.02,
     lr: float = 0.05,
-    margin: float = 0.5,
+    margin: float = 0.0,
     n_iter: int = 150,
     device: str | torch.device | None = None,
 ) -> TissueFit:
@@ -138,7 +139,8 @@ def learn_tissue(
         ``log1p(t)``, annealed geometrically from ``t_start`` to ``t_end``.
     margin
         The parameters are estimated with sources allowed down to ``cut - margin *
-        spread`` (a generous mask: the uncertain band near the cut does not bias them).
+        spread`` (``> 0``: a generous mask; on the real raw mouse brain 0.5 made the mask
+        worse, 0.80 against 0.92 agreement with the in-tissue flag, hence 0).
     n_iter
         EM iterations per likelihood evaluation of the parameter estimate.
     device
@@ -232,6 +234,7 @@ def image_tissue(
     radius: float,
     *,
     sharpness: float = 4.0,
+    n_neighbors: int = 6,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-spot tissue probability from an H&E image.
 
@@ -246,6 +249,9 @@ def image_tissue(
     sharpness
         Slope of the logistic around the Otsu threshold, in units of the spread of the
         spot saturations.
+    n_neighbors
+        The probability is averaged over each spot and its ``n_neighbors`` nearest spots
+        (a soft majority vote: pale spots inside the tissue, dark dust outside); 0: off.
 
     Returns
     -------
@@ -273,4 +279,12 @@ def image_tissue(
     thr = otsu_threshold(spot_sat)
     spread = float(spot_sat.std()) or 1.0
     prob = 1.0 / (1.0 + np.exp(-sharpness * (spot_sat - thr) / spread))
+    if n_neighbors > 0 and px.shape[0] > n_neighbors:
+        import scipy.sparse as sp
+
+        from chronotope.graph import knn_graph
+
+        w, _ = knn_graph(px, n_neighbors, include_self=True)
+        w = sp.csr_matrix(w, dtype=np.float64)
+        prob = (w @ prob) / np.maximum(np.asarray(w.sum(axis=1)).ravel(), 1e-300)
     return prob, spot_sat, thr
