@@ -142,3 +142,102 @@ def test_spatial_domains_scheduler(client):
     assert _maxrel(ref.obsm["X_domain_latent"], got.obsm["X_domain_latent"]) < RTOL
     assert got.uns["domain"]["params"]["scheduler"].startswith("dask client")
 
+
+
+# ------------------------------------------------------------------ slices (pairs)
+def test_align_slices_scheduler_equals_inprocess(client):
+    from test_slices_align import _rot, _slice, _tissue
+
+    xy, rate = _tissue(n_side=12, n_genes=40)
+    slices = [_slice(xy @ _rot(a).T + 5 * i, rate, 10 + i) for i, a in enumerate((0, 20, 40))]
+    ref = [s.copy() for s in slices]
+    got = [s.copy() for s in slices]
+    kw = {"n_comps": 8, "reference": 1, "nonrigid": 2.0}
+    plans_ref = tl.align_slices(ref, **kw)
+    plans_got = tl.align_slices(got, scheduler=client, **kw)
+    assert len(plans_got) == 2
+    for p, q in zip(plans_ref, plans_got, strict=True):
+        assert _maxrel(p, q) < RTOL
+    for a, b in zip(ref, got, strict=True):
+        assert _maxrel(a.obsm["spatial_aligned"], b.obsm["spatial_aligned"]) < RTOL
+    assert got[0].uns["alignment"]["params"]["scheduler"].startswith("dask client")
+
+
+# ------------------------------------------------------------------ dynamics (intervals)
+def _snapshots(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(n, 3)) + k for k, n in enumerate((50, 70, 60, 40))]
+    t = np.concatenate([np.full(len(x), float(k)) for k, x in enumerate(xs)])
+    return np.vstack(xs), t
+
+
+def test_snapshot_couplings_scheduler_equals_inprocess(client):
+    from chronotope.dynamics import snapshot_couplings
+
+    x, t = _snapshots()
+    kw = {"epsilon": 0.1, "tau_a": 0.9, "batch_size": 32, "n_rounds": 2, "seed": 3}
+    ref = snapshot_couplings(x, t, **kw)
+    got = snapshot_couplings(x, t, scheduler=client, **kw)
+    assert len(got.intervals) == 3 and got.intervals[0].n_blocks == 3
+    assert got.sigma == ref.sigma
+    for a, b in zip(ref.intervals, got.intervals, strict=True):
+        np.testing.assert_array_equal(a.pairs, b.pairs)
+        np.testing.assert_allclose(a.row_mass, b.row_mass, rtol=RTOL)
+        np.testing.assert_array_equal(a.source, b.source)
+    np.testing.assert_allclose(ref.growth, got.growth, rtol=RTOL, atol=1e-9)
+    # the pairs stay inside their interval
+    for iv in got.intervals:
+        assert np.isin(iv.pairs[:, 0], iv.source).all()
+        assert np.isin(iv.pairs[:, 1], iv.target).all()
+
+
+def test_fit_dynamics_records_scheduler(client):
+    from anndata import AnnData
+
+    x, t = _snapshots(1)
+    ad = AnnData(np.zeros((len(t), 1), dtype=np.float32))
+    ad.obsm["X_pca"] = x.astype(np.float32)
+    ad.obs["time"] = t
+    model = tl.fit_dynamics(ad, n_steps=5, scheduler=client, gene_map=None)
+    assert ad.uns["dynamics"]["params"]["scheduler"].startswith("dask client")
+    assert len(model.couplings_.intervals) == 3
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_scheduler_option_parsed(tmp_path):
+    from chronotope.cli import main
+
+    ad = _undiffuse_data()
+    ad.write_h5ad(tmp_path / "in.h5ad")
+    args = ["undiffuse", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad")]
+    args += ["--sigma", "1.5", "--bleed", "0.5", "--background", "0.2", "--n-iter", "5"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--scheduler", "local:0"])
+    assert exit_info.value.code not in (0, None)
+    assert not (tmp_path / "o.h5ad").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--scheduler", "none"])
+    assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.slow
+def test_cli_undiffuse_scheduler_local2(tmp_path):
+    """``--scheduler local:2`` starts its own cluster and gives the in-process layer."""
+    from chronotope.cli import main
+    from chronotope.io import read_h5ad
+
+    ad = _undiffuse_data()
+    ad.write_h5ad(tmp_path / "in.h5ad")
+    outs = {}
+    for sched in ("none", "local:2"):
+        out = tmp_path / f"out_{sched.replace(':', '')}.h5ad"
+        args = ["undiffuse", str(tmp_path / "in.h5ad"), "-o", str(out), "--method", "pergene"]
+        args += ["--sigma", "1.5", "--bleed", "0.5", "--background", "0.2", "--n-iter", "20"]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--scheduler", sched])
+        assert exit_info.value.code in (0, None)
+        outs[sched] = read_h5ad(out)
+    assert outs["local:2"].uns["undiffused"]["params"]["scheduler"] == "local:2"
+    assert outs["none"].uns["undiffused"]["params"]["scheduler"] == "in-process"
+    lay = "undiffused"
+    assert _maxrel(outs["none"].layers[lay], outs["local:2"].layers[lay]) < RTOL
