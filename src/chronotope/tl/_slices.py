@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_device
 from chronotope._validate import check_coordinates, check_counts
 from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler, parallel_map
 
@@ -145,6 +146,7 @@ def align_slices(
     if nonrigid is not None and not (np.isfinite(nonrigid) and nonrigid >= 0):
         raise ChronotopeInputError(f"nonrigid must be None or a smoothness >= 0, got {nonrigid}")
     check_scheduler(scheduler)
+    resolve_device(device)
     coords = []
     for i, a in enumerate(slices):
         if spatial_key not in a.obsm:

@@ -13,6 +13,7 @@ import torch
 from anndata import AnnData
 
 from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_device
 from chronotope._validate import check_coordinates, check_counts, get_obsm
 from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler
 
@@ -307,7 +308,7 @@ def undiffuse(
     if adata.is_view:
         adata._init_as_actual(adata.copy())
     adata = adata.copy() if copy else adata
-    dev = torch.device(device or "cpu")
+    dev = resolve_device(device or "cpu")
 
     totals = np.asarray(x.sum(axis=1)).ravel()
     t_est = time.perf_counter()
