@@ -143,7 +143,6 @@ def test_spatial_domains_scheduler(client):
     assert got.uns["domain"]["params"]["scheduler"].startswith("dask client")
 
 
-
 # ------------------------------------------------------------------ slices (pairs)
 def test_align_slices_scheduler_equals_inprocess(client):
     from test_slices_align import _rot, _slice, _tissue
