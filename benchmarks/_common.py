@@ -30,6 +30,42 @@ def data_dir() -> Path:
     return path
 
 
+DEVICE_ENV = "CHRONOTOPE_BENCH_DEVICE"
+
+
+def add_device_argument(parser: Any) -> None:
+    """``--device`` (default ``cpu``): the torch device of the chronotope runs."""
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the chronotope runs (default cpu)"
+    )
+
+
+def use_device(device: str) -> str:
+    """Check ``device``, hand it to child processes, and return the line that names it.
+
+    Every benchmark prints this line first; children read the device with
+    :func:`bench_device` (an environment variable, inherited by :func:`run_child`).
+    """
+    import platform
+
+    import torch
+
+    from chronotope._settings import resolve_device
+
+    dev = resolve_device(device)
+    os.environ[DEVICE_ENV] = str(dev)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s)"
+    return f"device {dev} ({name}); torch {torch.__version__}"
+
+
+def bench_device() -> str:
+    """The device chosen with ``--device`` (``cpu`` when none was)."""
+    return os.environ.get(DEVICE_ENV, "cpu")
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as fh:

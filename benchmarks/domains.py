@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, peak_rss_bytes, run_child
+from _common import add_device_argument, bench_device, emit, peak_rss_bytes, run_child, use_device
 
 HERE = Path(__file__).resolve()
 GRAPHST_PEER = HERE.parent / "_graphst_peer.py"
@@ -166,7 +166,7 @@ def child(spec: dict[str, Any]) -> None:
     base = peak_rss_bytes() / 2**30
     adata = ad.read_h5ad(spec["input"])
     t0, c0 = time.perf_counter(), time.process_time()
-    ct.tl.spatial_domains(adata, spec["n_domains"], seed=spec["seed"])
+    ct.tl.spatial_domains(adata, spec["n_domains"], seed=spec["seed"], device=bench_device())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out: dict[str, Any] = {
         "wall_s": wall,
@@ -380,12 +380,14 @@ def main() -> None:
         "environment with chronotope's base install only, whose imports match GraphST's "
         "(anndata imports dask.array and xarray at import time when they are installed)",
     )
+    add_device_argument(ap)
     args = ap.parse_args()
     global CHRONOTOPE_PY
     CHRONOTOPE_PY = args.chronotope_python
     if args.child:
         child(json.loads(args.child))
         return
+    print(f"{use_device(args.device)} (GraphST runs on the CPU)", flush=True)
     if args.graphst and not Path(args.graphst_python).exists():
         print(f"GraphST python {args.graphst_python} not found: GraphST runs skipped")
         args.graphst = False

@@ -92,7 +92,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_dir
+from _common import add_device_argument, bench_device, data_dir, use_device
 
 # Published W1 by dataset -> tool -> (task, t) -> value.
 PUBLISHED: dict[str, dict[str, dict[tuple[str, float], float]]] = {
@@ -468,7 +468,7 @@ def run_case(
         keep = t != held if held is not None else np.ones(t.size, bool)
         tic = time.perf_counter()
         if ours:
-            model = DynamicsModel(seed=seed, **params).fit(x[keep], t[keep])
+            model = DynamicsModel(seed=seed, device=bench_device(), **params).fit(x[keep], t[keep])
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()
             res = model.simulate(
@@ -621,7 +621,9 @@ def main() -> None:
         metavar="JSONL",
         help="only print the summary of rows written earlier with --out (several runs)",
     )
+    add_device_argument(ap)
     args = ap.parse_args()
+    print(f"{use_device(args.device)} (the peers run on the CPU)", flush=True)
     if args.summarise:
         rows, truths = [], []
         for path in args.summarise:

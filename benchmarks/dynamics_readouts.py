@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import data_dir
+from _common import add_device_argument, bench_device, data_dir, use_device
 
 
 def _w1(xp: np.ndarray, wp: np.ndarray, y: np.ndarray) -> float:
@@ -95,6 +95,8 @@ def task_cli(seed: int) -> None:
             "1",
             "--seed",
             str(seed),
+            "--device",
+            bench_device(),
         ]
         tic = time.perf_counter()
         subprocess.run(fit_cmd, check=True)
@@ -112,6 +114,8 @@ def task_cli(seed: int) -> None:
                 "1",
                 "-o",
                 str(pred),
+                "--device",
+                bench_device(),
             ],
             check=True,
         )
@@ -146,7 +150,7 @@ def task_fate(seed: int) -> None:
     a = full[keep].copy()
     a.obs["time"] = a.obs["time"] - 1.0  # t = label - 1, as in benchmarks/dynamics.py
     tic = time.perf_counter()
-    model = ct.tl.fit_dynamics(a, "time", "X", seed=seed)
+    model = ct.tl.fit_dynamics(a, "time", "X", seed=seed, device=bench_device())
     t_fit = time.perf_counter() - tic
     t = a.obs["time"].to_numpy()
     labels = a.obs["cell_type"].astype(str).to_numpy()
@@ -199,7 +203,7 @@ def task_misa(seed: int) -> None:
 
     a = ct.datasets.misa(data_dir=data_dir())
     tic = time.perf_counter()
-    model = ct.tl.fit_dynamics(a, "time", "X", seed=seed)
+    model = ct.tl.fit_dynamics(a, "time", "X", seed=seed, device=bench_device())
     t_fit = time.perf_counter() - tic
     rows = []
     for tv in [None, *np.unique(a.obs["time"])]:
@@ -235,7 +239,7 @@ def task_finetune(seed: int) -> None:
         return ", ".join(out) + " (t=1 held out)"
 
     tic = time.perf_counter()
-    model = DynamicsModel(use_rep="X", seed=seed).fit(x[train], t[train])
+    model = DynamicsModel(use_rep="X", seed=seed, device=bench_device()).fit(x[train], t[train])
     print(
         f"finetune deepruot_emt seed={seed}: simulation-free fit {time.perf_counter() - tic:.1f}"
         f" s; W1 {w1s(model)}"
@@ -258,7 +262,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="cli,fate,misa")
     ap.add_argument("--seed", type=int, default=0)
+    add_device_argument(ap)
     args = ap.parse_args()
+    print(use_device(args.device), flush=True)
     print(f"# OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     for name in args.tasks.split(","):
         TASKS[name.strip()](args.seed)

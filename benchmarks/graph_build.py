@@ -102,7 +102,13 @@ def _run_one(dataset: str, builder: str, n: int, queue: mp.Queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="number of spots")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="accepted for uniformity; graph building is scipy/numpy code on the CPU",
+    )
     args = parser.parse_args()
+    print(f"device cpu (graph building runs on the CPU; --device {args.device} not used)")
     cases = [
         ("hex", "knn", "k=6"),
         ("hex", "radius", "r=110"),

@@ -36,7 +36,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, PeakRSS, data_dir, emit, fmt_gb, run_child
+from _common import (
+    REPO,
+    PeakRSS,
+    add_device_argument,
+    bench_device,
+    data_dir,
+    emit,
+    fmt_gb,
+    run_child,
+    use_device,
+)
 
 CACHE = REPO / "bench_out" / "cache"
 SEED = 0
@@ -138,7 +148,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             from chronotope import ot as cot
 
             dtype = torch.float32 if "f32" in engine else torch.float64
-            xt, yt = torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype)
+            dev = bench_device()
+            xt = torch.tensor(x, dtype=dtype, device=dev)
+            yt = torch.tensor(y, dtype=dtype, device=dev)
             batch = 1024 if "chunked" in engine else None
             solver = cot.Sinkhorn(epsilon=eps, max_iter=100, tol=0.0, warn=False)
             with PeakRSS() as m:
@@ -179,12 +191,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             from chronotope import ot as cot
 
             dtype = torch.float32 if "f32" in engine else torch.float64
-            xt = torch.tensor(coords, dtype=dtype)
-            bt = torch.tensor(hist, dtype=dtype)
+            xt = torch.tensor(coords, dtype=dtype, device=bench_device())
+            bt = torch.tensor(hist, dtype=dtype, device=bench_device())
             solver = cot.Sinkhorn(epsilon=eps, max_iter=100, tol=0.0, warn=False)
             with PeakRSS() as m:
                 res = solver(cot.LinearProblem(cot.PointCloud(xt), None, bt))
-                costs = res.primal_cost.double().numpy()
+                costs = res.primal_cost.double().cpu().numpy()
             out["costs"] = costs[: spec.get("compare", 10)].tolist()
             out["columns"] = hist.shape[1]
         else:
@@ -220,6 +232,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         c = ((coords[rows] - coords[cols]) ** 2).sum(1).astype(np.float32)
         cost = sp.csr_matrix((c, (rows, cols)), shape=(n, n))
         b = torch.from_numpy(np.asarray(counts.todense(), dtype=np.float32) + 1e-3)
+        b = b.to(bench_device())
         b /= b.sum(0, keepdim=True)
         del counts
         eps = 0.5  # in squared spot spacings
@@ -230,7 +243,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             warn=False,
             column_batch_size=spec.get("column_batch_size"),
         )
-        geom = cot.SparseGeometry(cost)
+        geom = cot.SparseGeometry(cost, device=bench_device())
         with PeakRSS() as m:
             res = solver(cot.LinearProblem(geom, None, b))
         out.update(
@@ -266,15 +279,16 @@ def child_fgw(spec: dict[str, Any]) -> dict[str, Any]:
         dt = torch.float32 if engine.endswith("f32") else torch.float64
         with PeakRSS() as m:
             # same objective as POT below: M / max(M), C / max(C) for each slice
+            dev = bench_device()
             res = cot.fused_gromov_wasserstein(
-                torch.tensor(x1, dtype=dt),
-                torch.tensor(x2, dtype=dt),
-                cost_xy=torch.tensor(m_feat, dtype=dt),
+                torch.tensor(x1, dtype=dt, device=dev),
+                torch.tensor(x2, dtype=dt, device=dev),
+                cost_xy=torch.tensor(m_feat, dtype=dt, device=dev),
                 alpha=alpha,
                 scale_cost="max",
                 **spec.get("kwargs", {}),
             )
-            plan = res.dense_plan().double().numpy()
+            plan = res.dense_plan().double().cpu().numpy()
     else:
         import ot
 
@@ -317,6 +331,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     parser.add_argument("--pot-loop-columns", type=int, default=10)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.child:
         emit(child(json.loads(args.child)))
@@ -324,8 +339,8 @@ def main() -> None:
     import torch
 
     print(
-        f"# chronotope OT engine benchmark; torch {torch.__version__}, threads "
-        f"{torch.get_num_threads()}, device cpu"
+        f"# {use_device(args.device)}; chronotope OT engine benchmark, threads "
+        f"{torch.get_num_threads()} (POT runs on the CPU)"
     )
     prepare_inputs()
     script = Path(__file__).resolve()

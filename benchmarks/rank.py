@@ -36,6 +36,9 @@ import torch
 
 torch.set_num_threads(1)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_device_argument, bench_device, use_device  # noqa: E402
+
 LOSSES = ("list", "pair", "pcc_slide", "mse", "poisson", "nb", "pcc", "margin")
 REGIMES = {
     "none": {"batch_effect": 0.0, "slide_depth_sd": 0.0, "depth": 2000.0},
@@ -58,7 +61,8 @@ def bench_sim(seeds: tuple[int, ...] = (0, 1, 2)) -> None:
             va, te = ad[sl == "s4"].copy(), ad[sl == "s5"].copy()
             zero = float((te.X.toarray() == 0).mean())
             for loss in LOSSES:
-                m = fit(tr, "features", "slide", loss=loss, validation=va, seed=seed, **FIT)
+                m = fit(tr, "features", "slide", loss=loss, validation=va, seed=seed,
+                        device=bench_device(), **FIT)
                 s = summarize(evaluate(m, te, batch_key="slide", truth_layer="log_rate"))
                 res[regime][loss].append(s["spearman"])
             print(f"# sim {regime} seed {seed}: zero fraction {zero:.2f}, "
@@ -122,7 +126,7 @@ def _her2_split(parts, common, train, val, test, seeds, variants):
         for seed in seeds:
             m = fit(tr, "X_histology", "section", genes=genes, loss=loss, validation=parts[val],
                     head=head, hidden=64, max_epochs=200, eval_every=5, weight_decay=1e-3,
-                    pairs_per_spot=8, seed=seed)
+                    pairs_per_spot=8, seed=seed, device=bench_device())
             s = summarize(evaluate(m, parts[test], batch_key="section"))
             pr.append(s["pearson"])
             sr.append(s["spearman"])
@@ -170,7 +174,9 @@ def bench_her2st() -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("sim", "her2st", "all"), nargs="?", default="all")
+    add_device_argument(p)
     args = p.parse_args(argv)
+    print(use_device(args.device), flush=True)
     if args.what in ("sim", "all"):
         bench_sim()
     if args.what in ("her2st", "all"):

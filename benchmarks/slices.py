@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, peak_rss_bytes, run_child
+from _common import add_device_argument, bench_device, emit, peak_rss_bytes, run_child, use_device
 
 HERE = Path(__file__).resolve()
 PEER_SCRIPT = HERE.parent / "_slices_peers.py"
@@ -224,7 +224,9 @@ def child(spec: dict[str, Any]) -> None:
     a = ct.io.read_h5ad(spec["a"])
     b = ct.io.read_h5ad(spec["b"])
     t0 = time.perf_counter()
-    (plan,) = ct.tl.align_slices([a, b], mass=spec["mass"], tau=spec["tau"], seed=0)
+    (plan,) = ct.tl.align_slices(
+        [a, b], mass=spec["mass"], tau=spec["tau"], seed=0, device=bench_device()
+    )
     wall = time.perf_counter() - t0
     sp.save_npz(spec["plan"], sp.csr_matrix(plan))
     emit(
@@ -399,10 +401,13 @@ def case_interp(args: argparse.Namespace, work: Path) -> None:
     ]
     for name, first, real, second, key in triples:
         t0 = time.perf_counter()
-        gen = ct.tl.interpolate_slices(first, second, t=0.5, labels_key=key)
+        gen = ct.tl.interpolate_slices(
+            first, second, t=0.5, labels_key=key, device=bench_device()
+        )
         wall = time.perf_counter() - t0
         frame = [first.copy(), real.copy()]
-        ct.tl.align_slices(frame)  # the real slice in the earlier slice's frame
+        # the real slice in the earlier slice's frame
+        ct.tl.align_slices(frame, device=bench_device())
         real_xy = frame[1].obsm["spatial_aligned"]
         shared = gen.var_names[gen.var_names.isin(real.var_names)]
         top = np.argsort(-_lognorm(real, shared).mean(0))[:1000]
@@ -415,7 +420,7 @@ def case_interp(args: argparse.Namespace, work: Path) -> None:
         for other in (first, second):
             pair = [first.copy(), other.copy()]
             if other is not first:
-                ct.tl.align_slices(pair)
+                ct.tl.align_slices(pair, device=bench_device())
                 xy = pair[1].obsm["spatial_aligned"]
             else:
                 xy = np.asarray(first.obsm["spatial"], float)
@@ -484,7 +489,9 @@ def case_xplatform(args: argparse.Namespace, work: Path) -> None:
     for name, other in (("151674 binned", binned), ("151673 binned (truth)", own)):
         ra, rb = visium.copy(), other.copy()
         t0 = time.perf_counter()
-        (plan,) = ct.tl.align_slices([ra, rb], scaling=True, center_slices=True)
+        (plan,) = ct.tl.align_slices(
+            [ra, rb], scaling=True, center_slices=True, device=bench_device()
+        )
         wall = time.perf_counter() - t0
         acc, _ = layer_accuracy(plan, ra.obs["layer"].to_numpy(), rb.obs["layer"].to_numpy())
         tr = rb.uns["alignment"]["transform"]
@@ -517,7 +524,8 @@ def case_xplatform(args: argparse.Namespace, work: Path) -> None:
     for center in (True, False):
         t0 = time.perf_counter()
         joint = ct.tl.integrate_slices([visium, binned], names=["visium", "binned"],
-                                       n_domains=7, center_slices=center, seed=0)  # fmt: skip
+                                       n_domains=7, center_slices=center, seed=0,
+                                       device=bench_device())  # fmt: skip
         wall = time.perf_counter() - t0
         m = (joint.obs["slice"] == "visium").to_numpy()
         lab = joint.obs["layer"].astype(str).to_numpy()
@@ -563,10 +571,12 @@ def main() -> None:
     ap.add_argument("--peer-max-n", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="folder for inputs (default: a temp folder)")
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
+    print(f"{use_device(args.device)} (the peers run on the CPU)", flush=True)
     args.peers = [p for p in args.peers.split(",") if p]
     work = Path(args.work or tempfile.mkdtemp(prefix="chronotope_slices_"))
     work.mkdir(parents=True, exist_ok=True)

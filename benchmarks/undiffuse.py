@@ -11,6 +11,9 @@ Run (each part separately keeps runs short on a shared machine)::
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 50000 --genes 2000
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 500000 --genes 200
 
+``--device`` (default cpu) and ``--scheduler`` (none, local:N, a Dask address: where the
+per-gene batches run) go to every ``tl.undiffuse`` call; the first line names the device.
+
 Known truth: real in-tissue counts (DLPFC 151673 placed on its full 4,992-barcode array,
 zero outside the tissue; the raw mouse brain's in-tissue counts) are the sources Z;
 ``X ~ Poisson(A Z)`` at three settings (mild: sigma 1, bleed 0.3; realistic: sigma 3,
@@ -34,7 +37,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, data_dir
+from _common import PeakRSS, add_device_argument, data_dir, use_device
+
+# device= and scheduler= of every tl.undiffuse call (set from --device, --scheduler)
+LIB: dict = {}
 
 SETTINGS = {
     "mild": {"sigma": 1.0, "bleed": 0.3, "background": 0.0, "kernel": "gaussian"},
@@ -111,6 +117,7 @@ def rl_guessed(sim, sigma: float = 1.5, n_iter: int = 30) -> np.ndarray:
         n_iter=n_iter,
         diagnostics=False,
         copy=True,
+        **LIB,
     )
     return out.layers["undiffused"].toarray()
 
@@ -228,7 +235,7 @@ def run_truth(args) -> None:
             )
         )
         with PeakRSS() as m:
-            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False)
+            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, **LIB)
         u = out.uns["undiffused"]
         print(
             sc(
@@ -242,7 +249,9 @@ def run_truth(args) -> None:
         )
         if args.pergene:
             with PeakRSS() as m:
-                out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, method="pergene")
+                out = ct.tl.undiffuse(
+                    sim, copy=True, diagnostics=False, method="pergene", **LIB
+                )
             print(
                 sc(
                     "undiffuse_pergene",
@@ -319,6 +328,7 @@ def run_reference(args) -> None:
             diagnostics=False,
             reference=r,
             reference_key="layer" if r is not None else None,
+            **LIB,
         )
         est = out.layers["undiffused"].toarray()
         gc = gap_closure(
@@ -473,7 +483,7 @@ def run_real(args) -> None:
 
     ad = ct.datasets.mouse_brain_raw(load_image=False)
     with PeakRSS() as m:
-        ct.tl.undiffuse(ad)
+        ct.tl.undiffuse(ad, **LIB)
     u = ad.uns["undiffused"]
     d = u["diagnostics"]
     print(
@@ -529,7 +539,7 @@ def run_scale(args) -> None:
     if args.fixed:  # skip the estimation: sigma 1.5, bleed 0.3, background 0.1
         kw.update(sigma=1.5, bleed=0.3, background=0.1)
     with PeakRSS() as m:
-        ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw)
+        ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw, **LIB)
     u = ad.uns["undiffused"]
     print(
         f"scale {args.lattice} {n} spots x {args.genes} genes (nnz {ad.X.nnz}): time_s "
@@ -612,7 +622,16 @@ def main() -> None:
     ap.add_argument(
         "--layout", choices=["tiled", "random"], default="tiled", help="scale: tissue layout"
     )
+    add_device_argument(ap)
+    ap.add_argument(
+        "--scheduler",
+        default="none",
+        help="where the gene batches run: none, local:N or a Dask scheduler address",
+    )
     args = ap.parse_args()
+    sched = None if args.scheduler == "none" else args.scheduler
+    LIB.update(device=args.device, scheduler=sched)
+    print(f"{use_device(args.device)}; scheduler {args.scheduler}", flush=True)
     if args.n_iter != "auto":
         args.n_iter = int(args.n_iter)
     logging.getLogger("chronotope").setLevel(logging.WARNING)

@@ -227,6 +227,24 @@ def demo(
         raise _CommandError(f"demo section(s) failed ({reasons}); see {result.report_path}")
 
 
+_SCHEDULER_HELP = (
+    "Where independent tasks run: none (in-process), local:N (a local Dask cluster of N "
+    "workers) or a Dask scheduler address (tcp://host:8786) or scheduler-file path."
+)
+
+
+def _scheduler(text: str) -> str | None:
+    """``--scheduler`` text to the library's ``scheduler=`` (``"none"`` -> ``None``)."""
+    from chronotope.parallel import check_scheduler
+
+    value = None if text.strip().lower() in ("", "none") else text.strip()
+    try:
+        check_scheduler(value)
+    except ValueError as err:
+        raise _CommandError(f"--scheduler: {err}") from None
+    return value
+
+
 @app.command()
 def domains(
     data: Annotated[Path, typer.Argument(help="Input .h5ad: raw counts in .X, obsm['spatial'].")],
@@ -246,6 +264,7 @@ def domains(
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the model and the clustering.")] = 0,
+    scheduler: Annotated[str, typer.Option(help=_SCHEDULER_HELP)] = "none",
 ) -> None:
     """Find spatial domains (graph contrastive encoder + clustering); writes obs['domain']."""
     import chronotope as ct
@@ -262,6 +281,7 @@ def domains(
         refine=refine,
         seed=seed,
         device=None if device == "auto" else device,
+        scheduler=_scheduler(scheduler),
         progress=show_progress(),
     )
     write_output(adata, out)
@@ -308,6 +328,7 @@ def align(
     figures: Annotated[Path | None, typer.Option(help="Folder for alignment.png.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed (PCA, spatial patches).")] = 0,
+    scheduler: Annotated[str, typer.Option(help=_SCHEDULER_HELP)] = "none",
 ) -> None:
     """Align slice B onto slice A; writes the spot-to-spot plan as a sparse .npz."""
     import numpy as np
@@ -327,6 +348,7 @@ def align(
         nonrigid=nonrigid,
         seed=seed,
         device=device,
+        scheduler=_scheduler(scheduler),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npz")
@@ -509,6 +531,7 @@ def undiffuse(
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the thinning and initialisation.")] = 0,
+    scheduler: Annotated[str, typer.Option(help=_SCHEDULER_HELP)] = "none",
 ) -> None:
     """Undo lateral mRNA diffusion; writes layers['undiffused'] (same spots and genes)."""
     import chronotope as ct
@@ -539,6 +562,7 @@ def undiffuse(
         round_counts=round_counts,
         seed=seed,
         device=device,
+        scheduler=_scheduler(scheduler),
         progress=show_progress(),
         sigma_modules=sigma_modules or None,
     )
@@ -770,6 +794,7 @@ def dynamics_fit(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the couplings and the training.")] = 0,
+    scheduler: Annotated[str, typer.Option(help=_SCHEDULER_HELP)] = "none",
 ) -> None:
     """Fit velocity, growth and landscape to time snapshots; save the model to OUT."""
     import chronotope as ct
@@ -791,6 +816,7 @@ def dynamics_fit(
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,
+        scheduler=_scheduler(scheduler),
         progress=show_progress(),
     )
     model.save(out, overwrite=overwrite)

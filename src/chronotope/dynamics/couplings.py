@@ -57,6 +57,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_rng
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.ot import LinearProblem, PointCloud, Sinkhorn
+from chronotope.parallel import Scheduler, check_scheduler, parallel_map
 
 __all__ = ["IntervalCoupling", "SnapshotCouplings", "snapshot_couplings"]
 
@@ -177,6 +178,93 @@ def _resolve_masses(masses: np.ndarray | list[float] | None, counts: np.ndarray)
     return m
 
 
+def _interval_task(
+    item: tuple,
+    *,
+    times: np.ndarray,
+    mass_k: np.ndarray,
+    sigma: float,
+    tau_a: float,
+    tau_b: float,
+    batch_size: int,
+    n_rounds: int,
+    n_pairs: int | None,
+    max_iter: int,
+    tol: float,
+    lse_mode: bool | str,
+    dtype: torch.dtype,
+    device: str | torch.device | None,
+) -> tuple[np.ndarray, dict]:
+    """Coupling of one interval (a :func:`chronotope.parallel.parallel_map` task).
+
+    ``item`` is ``(k, source cells, target cells, growth rate of the source cells, seed)``;
+    returns the drawn pairs as local ``(source row, target row)`` indices and the other
+    fields of :class:`IntervalCoupling`.
+    """
+    k, xs, xt, rate, seed = item
+    tic = _time.perf_counter()
+    rng = np.random.default_rng(seed)
+    n_src, n_tgt = xs.shape[0], xt.shape[0]
+    dt = float(times[k + 1] - times[k])
+    eps = 2.0 * sigma**2 * dt
+    current = np.full(n_src, mass_k[k] / n_src)
+    prior = current * np.exp(rate * dt)
+    b_all = np.full(n_tgt, mass_k[k + 1] / n_tgt)
+    n_blocks = max(1, math.ceil(max(n_src, n_tgt) / batch_size))
+    rounds = n_rounds if n_blocks > 1 else 1
+    n_draw = n_pairs or max(20000, 4 * max(n_src, n_tgt))
+    src, tgt = np.arange(n_src), np.arange(n_tgt)
+    log_ratio = np.zeros(n_src)
+    converged = True
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    block_mass: list[float] = []
+    for _ in range(rounds):
+        parts_a = _split(src, n_blocks, rng)
+        parts_b = _split(tgt, n_blocks, rng)
+        for ia, ib in zip(parts_a, parts_b, strict=True):
+            a_blk = prior[ia]
+            b_blk = b_all[ib]
+            # The target part carries the source part's share of M_{k+1}.
+            b_blk = b_blk * (mass_k[k + 1] * ia.size / n_src) / b_blk.sum()
+            geom = PointCloud(xs[ia], xt[ib], dtype=dtype, device=device)
+            prob = LinearProblem(geom, a_blk, b_blk, tau_a=tau_a, tau_b=tau_b)
+            out = Sinkhorn(epsilon=eps, max_iter=max_iter, tol=tol, lse_mode=lse_mode, warn=False)(
+                prob
+            )
+            converged &= bool(out.converged)
+            with torch.no_grad():
+                plan = out.dense_plan().cpu().numpy()
+            rows = plan.sum(1)
+            log_ratio[ia] += np.log(np.maximum(rows, 1e-300) / current[ia])
+            pieces.append((ia, ib, plan))
+            block_mass.append(float(rows.sum()))
+    log_ratio /= rounds
+    share = np.asarray(block_mass) / np.sum(block_mass)
+    per_block = rng.multinomial(n_draw, share)
+    pairs = np.empty((n_draw, 2), dtype=np.int64)
+    at = 0
+    for (ia, ib, plan), n_b in zip(pieces, per_block, strict=True):
+        if n_b == 0:
+            continue
+        r, c = _draw_pairs(plan, int(n_b), rng)
+        pairs[at : at + n_b, 0] = ia[r]
+        pairs[at : at + n_b, 1] = ib[c]
+        at += n_b
+    pairs = pairs[rng.permutation(n_draw)]
+    del pieces
+    fields = {
+        "mass": current,
+        "prior": prior,
+        "row_mass": current * np.exp(log_ratio),
+        "growth": log_ratio / dt,
+        "epsilon": eps,
+        "n_blocks": n_blocks,
+        "converged": converged,
+        "seconds": _time.perf_counter() - tic,
+    }
+    return pairs, fields
+
+
 def snapshot_couplings(
     x: np.ndarray,
     time: np.ndarray,
@@ -197,6 +285,8 @@ def snapshot_couplings(
     device: str | torch.device | None = "cpu",
     min_cells: int = MIN_CELLS,
     seed: int | np.random.Generator | None = 0,
+    scheduler: Scheduler = None,
+    progress: bool = False,
 ) -> SnapshotCouplings:
     """Unbalanced entropic couplings between consecutive snapshots and growth targets.
 
@@ -238,7 +328,15 @@ def snapshot_couplings(
     min_cells
         Fewest cells allowed per time point.
     seed
-        Seed of the block splits and the pair draws.
+        Seed of the block splits and the pair draws (one generator per interval, drawn
+        from it).
+    scheduler
+        Where the intervals are solved (they are independent tasks,
+        :func:`chronotope.parallel.parallel_map`): ``None`` (in-process), ``"local:N"``,
+        a Dask scheduler address or a ``distributed.Client``. The same result on every
+        scheduler.
+    progress
+        Progress bar over intervals.
 
     Returns
     -------
@@ -258,6 +356,7 @@ def snapshot_couplings(
                 f"growth_prior must hold one finite rate per cell ({t.size}), got shape "
                 f"{growth_prior.shape}."
             )
+    check_scheduler(scheduler)
     rng = resolve_rng(seed)
     groups = [np.flatnonzero(t == v) for v in times]
     counts = np.array([g.size for g in groups], dtype=np.float64)
@@ -269,66 +368,47 @@ def snapshot_couplings(
         )
         sigma = float(math.sqrt(np.median(epsilon * mean_costs / (2.0 * dts))))
     growth = np.full(t.shape, np.nan)
-    intervals = []
+    # one generator per interval, drawn from the seed up front: the intervals are
+    # independent tasks and give the same result wherever they run
+    seeds = rng.integers(0, 2**63 - 1, size=len(dts))
+    items = []
     for k, dt in enumerate(dts):
-        tic = _time.perf_counter()
         src, tgt = groups[k], groups[k + 1]
-        eps = 2.0 * sigma**2 * float(dt)
-        current = np.full(src.size, mass_k[k] / src.size)
         rate = (
             growth_prior[src]
             if growth_prior is not None
             else np.full(src.size, math.log(mass_k[k + 1] / mass_k[k]) / dt)
         )
-        prior = current * np.exp(rate * dt)
-        b_all = np.full(tgt.size, mass_k[k + 1] / tgt.size)
-        n_blocks = max(1, math.ceil(max(src.size, tgt.size) / batch_size))
-        rounds = n_rounds if n_blocks > 1 else 1
-        n_draw = n_pairs or max(20000, 4 * max(src.size, tgt.size))
-        pos = np.empty(t.size, dtype=np.int64)
-        pos[src] = np.arange(src.size)
-        pos[tgt] = np.arange(tgt.size)
-        log_ratio = np.zeros(src.size)
-        converged = True
-        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        block_mass: list[float] = []
-        for _ in range(rounds):
-            parts_a = _split(src, n_blocks, rng)
-            parts_b = _split(tgt, n_blocks, rng)
-            for ia, ib in zip(parts_a, parts_b, strict=True):
-                a_blk = prior[pos[ia]]
-                b_blk = b_all[pos[ib]]
-                # The target part carries the source part's share of M_{k+1}.
-                b_blk = b_blk * (mass_k[k + 1] * ia.size / src.size) / b_blk.sum()
-                geom = PointCloud(x[ia], x[ib], dtype=dtype, device=device)
-                prob = LinearProblem(geom, a_blk, b_blk, tau_a=tau_a, tau_b=tau_b)
-                out = Sinkhorn(
-                    epsilon=eps, max_iter=max_iter, tol=tol, lse_mode=lse_mode, warn=False
-                )(prob)
-                converged &= bool(out.converged)
-                with torch.no_grad():
-                    plan = out.dense_plan().cpu().numpy()
-                rows = plan.sum(1)
-                log_ratio[pos[ia]] += np.log(np.maximum(rows, 1e-300) / current[pos[ia]])
-                pieces.append((ia, ib, plan))
-                block_mass.append(float(rows.sum()))
-        log_ratio /= rounds
-        share = np.asarray(block_mass) / np.sum(block_mass)
-        per_block = rng.multinomial(n_draw, share)
-        pairs = np.empty((n_draw, 2), dtype=np.int64)
-        at = 0
-        for (ia, ib, plan), n_b in zip(pieces, per_block, strict=True):
-            if n_b == 0:
-                continue
-            r, c = _draw_pairs(plan, int(n_b), rng)
-            pairs[at : at + n_b, 0] = ia[r]
-            pairs[at : at + n_b, 1] = ib[c]
-            at += n_b
-        pairs = pairs[rng.permutation(n_draw)]
-        del pieces
-        g = log_ratio / dt
-        growth[src] = g
-        if not converged:
+        items.append((k, x[src], x[tgt], rate, int(seeds[k])))
+    shared = {
+        "times": times,
+        "mass_k": mass_k,
+        "sigma": float(sigma),
+        "tau_a": tau_a,
+        "tau_b": tau_b,
+        "batch_size": batch_size,
+        "n_rounds": n_rounds,
+        "n_pairs": n_pairs,
+        "max_iter": max_iter,
+        "tol": tol,
+        "lse_mode": lse_mode,
+        "dtype": dtype,
+        "device": device,
+    }
+    done = parallel_map(
+        _interval_task,
+        items,
+        scheduler=scheduler,
+        shared=shared,
+        progress=progress,
+        desc="couplings",
+    )
+    intervals = []
+    for k, (local_pairs, fields) in enumerate(done):
+        src, tgt = groups[k], groups[k + 1]
+        pairs = np.stack([src[local_pairs[:, 0]], tgt[local_pairs[:, 1]]], axis=1)
+        growth[src] = fields["growth"]
+        if not fields["converged"]:
             logger.warning(
                 "dynamics couplings: Sinkhorn did not reach tol=%g on interval %g -> %g "
                 "(max_iter=%d); the plan is used as is.",
@@ -344,14 +424,7 @@ def snapshot_couplings(
                 source=src,
                 target=tgt,
                 pairs=pairs,
-                mass=current,
-                prior=prior,
-                row_mass=current * np.exp(log_ratio),
-                growth=g,
-                epsilon=eps,
-                n_blocks=n_blocks,
-                converged=converged,
-                seconds=_time.perf_counter() - tic,
+                **fields,
             )
         )
     return SnapshotCouplings(

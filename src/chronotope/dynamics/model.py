@@ -71,6 +71,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
+from chronotope.parallel import Scheduler
 
 __all__ = ["DynamicsModel", "DynamicsParams", "GeneMap", "SimulationResult"]
 
@@ -385,6 +386,7 @@ class DynamicsModel:
         masses: np.ndarray | list[float] | None = None,
         growth_prior: np.ndarray | None = None,
         progress: bool = False,
+        scheduler: Scheduler = None,
     ) -> DynamicsModel:
         """Couple consecutive snapshots and train the three networks.
 
@@ -401,6 +403,10 @@ class DynamicsModel:
             :func:`~chronotope.dynamics.snapshot_couplings`).
         progress
             Show a progress bar over the optimisation steps.
+        scheduler
+            Where the per-interval couplings are solved: ``None`` (in-process),
+            ``"local:N"``, a Dask scheduler address or a ``distributed.Client`` (see
+            :func:`~chronotope.dynamics.snapshot_couplings`); training stays here.
 
         Returns
         -------
@@ -431,6 +437,8 @@ class DynamicsModel:
             n_pairs=p.n_pairs,
             min_cells=p.min_cells,
             seed=p.seed,
+            device=self.device,
+            scheduler=scheduler,
         )
         self.timings_ = {"couplings": _time.perf_counter() - tic}
         tic = _time.perf_counter()

@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from chronotope._settings import as_tensor
+from chronotope._settings import as_tensor, resolve_device
 
 __all__ = ["DenseGeometry", "Geometry", "PointCloud", "SparseGeometry"]
 
@@ -484,7 +484,7 @@ class SparseGeometry(Geometry):
             raise TypeError("cost must be a scipy sparse matrix or a torch sparse tensor.")
         if dtype is None:
             dtype = torch.float32 if np.asarray(data).dtype == np.float32 else torch.float64
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = resolve_device(device) if device is not None else torch.device("cpu")
         self.shape = shape
         self.dtype = dtype
         self.device = dev

@@ -22,6 +22,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope.dynamics import readouts as ro
 from chronotope.dynamics._anndata import gene_map_from_adata, read_snapshots
 from chronotope.dynamics.model import DynamicsModel, DynamicsParams, GeneMap
+from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler
 
 if TYPE_CHECKING:
     import torch
@@ -177,6 +178,7 @@ def fit_dynamics(
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
+    scheduler: Scheduler = None,
     progress: bool = False,
     key_added: str = "dynamics",
 ) -> DynamicsModel:
@@ -211,6 +213,11 @@ def fit_dynamics(
         :func:`~chronotope.dynamics.finetune.finetune_rollouts`); 0: none.
     device
         Torch device (``"cpu"``, ``"cuda"``; ``None``: CUDA if available).
+    scheduler
+        Where the per-interval couplings are solved: ``None`` (in-process), ``"local:N"``
+        (a local Dask cluster of ``N`` workers), a Dask scheduler address or a
+        ``distributed.Client`` (see :func:`chronotope.parallel.parallel_map`); the same
+        couplings on every scheduler. Training stays in this process.
     progress
         Show a progress bar over the training steps.
     key_added
@@ -228,6 +235,7 @@ def fit_dynamics(
     tic = _time.perf_counter()
     if finetune_steps < 0:
         raise ChronotopeInputError(f"finetune_steps must be >= 0, got {finetune_steps}.")
+    check_scheduler(scheduler)
     x, t = read_snapshots(adata, time_key, use_rep)
     # the core checks numeric, finite times and enough cells per time point
     from chronotope.dynamics._validate import check_snapshots
@@ -255,7 +263,14 @@ def fit_dynamics(
         prior = np.asarray(adata.obs[growth_prior_key], dtype=np.float64)[train]
     gm = gene_map_from_adata(adata, use_rep) if gene_map == "auto" else gene_map
     model = DynamicsModel(p, use_rep=use_rep, gene_map=gm, time_key=time_key, device=device)
-    model.fit(x[train], t[train], masses=masses, growth_prior=prior, progress=progress)
+    model.fit(
+        x[train],
+        t[train],
+        masses=masses,
+        growth_prior=prior,
+        progress=progress,
+        scheduler=scheduler,
+    )
     if finetune_steps:
         from chronotope.dynamics.finetune import finetune_rollouts
 
@@ -283,6 +298,7 @@ def fit_dynamics(
                 "gene_map": "none" if gm is None else f"{gm.n_genes} genes",
                 "device": str(model.device),
                 "finetune_steps": int(finetune_steps),
+                "scheduler": describe_scheduler(scheduler),
                 **asdict(p),
             }
         ),

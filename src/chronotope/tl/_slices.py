@@ -12,7 +12,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_device
 from chronotope._validate import check_coordinates, check_counts
+from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler, parallel_map
 
 __all__ = ["align_slices", "interpolate_slices"]
 
@@ -29,6 +31,14 @@ def _split(adata: AnnData, batch_key: str) -> tuple[list[AnnData], list[str], li
         raise ChronotopeInputError(f"adata.obs[{batch_key!r}] names {len(names)} slice(s); 2+")
     idx = [np.flatnonzero((col == n).to_numpy()) for n in names]
     return [adata[i] for i in idx], [str(n) for n in names], idx
+
+
+def _align_pair_task(item: tuple, *, kwargs: dict[str, Any]) -> Any:
+    """One pair of :func:`align_slices` (a ``parallel_map`` task)."""
+    from chronotope.slices import align_pair
+
+    fa, ca, fb, cb = item
+    return align_pair(fa, ca, fb, cb, **kwargs)
 
 
 def align_slices(
@@ -53,6 +63,7 @@ def align_slices(
     nonrigid: float | None = None,
     seed: int = 0,
     device: str = "cpu",
+    scheduler: Scheduler = None,
     key_added: str = "spatial_aligned",
 ) -> list[sp.csr_matrix]:
     """Align slices into the frame of a reference slice.
@@ -91,6 +102,12 @@ def align_slices(
         positions plus the field.
     seed, device
         Seed (PCA, patches); torch device.
+    scheduler
+        Where the pairs are aligned (they are independent; transforms are composed and
+        displacements fitted here afterwards): ``None`` (in-process), ``"local:N"`` (a
+        local Dask cluster of ``N`` workers), a Dask scheduler address or a
+        ``distributed.Client`` (see :func:`chronotope.parallel.parallel_map`). The same
+        result on every scheduler.
     key_added
         ``obsm`` key of the aligned coordinates.
 
@@ -128,6 +145,8 @@ def align_slices(
         raise ChronotopeInputError(f"policy must be 'sequential' or 'star', got {policy!r}")
     if nonrigid is not None and not (np.isfinite(nonrigid) and nonrigid >= 0):
         raise ChronotopeInputError(f"nonrigid must be None or a smoothness >= 0, got {nonrigid}")
+    check_scheduler(scheduler)
+    resolve_device(device)
     coords = []
     for i, a in enumerate(slices):
         if spatial_key not in a.obsm:
@@ -135,7 +154,7 @@ def align_slices(
         coords.append(check_coordinates(a.obsm[spatial_key], a.n_obs, f"slice {names[i]}"))
         check_counts(a.X if layer is None else a.layers[layer], f"slice {names[i]} counts")
 
-    from chronotope.slices import align_pair, fit_displacement, shared_features
+    from chronotope.slices import fit_displacement, shared_features
     from chronotope.slices.rigid import RigidTransform
 
     feats = shared_features(
@@ -171,8 +190,16 @@ def align_slices(
     )
     final = {reference: coords[reference].astype(float)}
     shift = {reference: np.zeros_like(final[reference])}
-    for partner, moving in pairs:
-        res = align_pair(feats[partner], coords[partner], feats[moving], coords[moving], **kwargs)
+    # the pairs are independent (each aligns the slices' own coordinates)
+    aligned_pairs = parallel_map(
+        _align_pair_task,
+        [(feats[p], coords[p], feats[m], coords[m]) for p, m in pairs],
+        scheduler=scheduler,
+        shared={"kwargs": kwargs},
+        progress=False,
+        desc="align pairs",
+    )
+    for (partner, moving), res in zip(pairs, aligned_pairs, strict=True):
         to_ref[moving] = res.transform.compose(to_ref[partner])
         results[moving] = (partner, res)
         plans.append(res.plan)
@@ -201,6 +228,7 @@ def align_slices(
         "n_patches": n_patches,
         "n_candidates": n_candidates,
         "nonrigid": -1.0 if nonrigid is None else float(nonrigid),
+        "scheduler": describe_scheduler(scheduler),
         "seconds": time.perf_counter() - t_start,
     }
     if joint is None:

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from chronotope._errors import ChronotopeInputError
+from chronotope._settings import resolve_device
 
 __all__ = [
     "LatticeKernel",
@@ -181,7 +182,7 @@ class LatticeKernel:
         if not np.isfinite(sigma) or sigma <= 0:
             raise ChronotopeInputError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.kind, self.nu = float(sigma), kind, float(nu)
-        self.device = torch.device(device or "cpu")
+        self.device = resolve_device(device or "cpu")
         self.dtype = dtype
         self.n = lattice.rows.size
         h, w = lattice.shape
@@ -257,7 +258,7 @@ class SparseKernel:
         if not np.isfinite(sigma) or sigma <= 0:
             raise ChronotopeInputError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.kind, self.nu = float(sigma), kind, float(nu)
-        self.device = torch.device(device or "cpu")
+        self.device = resolve_device(device or "cpu")
         self.dtype = dtype
         self.n = coords.shape[0]
         _, dist = radius_graph(coords, max(truncate * sigma, 1e-9), include_self=True)
