@@ -27,7 +27,13 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["Scheduler", "describe_scheduler", "parallel_map", "scheduler_client"]
+__all__ = [
+    "Scheduler",
+    "check_scheduler",
+    "describe_scheduler",
+    "parallel_map",
+    "scheduler_client",
+]
 
 log = logging.getLogger("chronotope")
 
@@ -67,6 +73,11 @@ def _local_workers(spec: str) -> int:
     if workers < 1:
         raise ValueError(f"scheduler {spec!r}: N in 'local:N' must be >= 1")
     return workers
+
+
+def check_scheduler(scheduler: Scheduler) -> None:
+    """Raise a ``ValueError`` for a malformed ``scheduler`` (call it before heavy work)."""
+    _check(scheduler)
 
 
 def describe_scheduler(scheduler: Scheduler) -> str:

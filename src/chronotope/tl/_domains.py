@@ -16,6 +16,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._validate import check_counts, check_finite, get_obsm
 from chronotope.domains.clustering import cluster_embedding, refine_labels
 from chronotope.domains.model import DomainModel, DomainModelParams
+from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler, scheduler_client
 
 __all__ = ["spatial_domains"]
 
@@ -146,6 +147,8 @@ def spatial_domains(
     refine: bool = True,
     seed: int = 0,
     device: str | None = "cpu",
+    scheduler: Scheduler = None,
+    tile_size: int | None = None,
     progress: bool = False,
     key_added: str = "domain",
     copy: bool = False,
@@ -203,6 +206,14 @@ def spatial_domains(
         Seed of the model and the clustering.
     device
         Torch device of the model.
+    scheduler
+        Where the inference of the embedding runs, over tiles of ``tile_size`` spots
+        (:meth:`chronotope.domains.DomainModel.get_embedding`): ``None`` (in-process),
+        ``"local:N"`` (a local Dask cluster of ``N`` workers), a Dask scheduler address or
+        a ``distributed.Client``. Training stays in this process; the embedding equals the
+        one-pass one up to float rounding.
+    tile_size
+        Spots per inference tile (``None``: one pass in-process, 65,536 with a scheduler).
     progress
         Progress bar over training epochs.
     key_added
@@ -224,6 +235,9 @@ def spatial_domains(
     from chronotope import pp
 
     _check_input(adata, n_domains, spatial_key, batch_key, layer)
+    check_scheduler(scheduler)
+    if tile_size is not None and int(tile_size) < 1:
+        raise ChronotopeInputError(f"tile_size must be >= 1, got {tile_size}")
     unknown = set(model_params) - set(DomainModelParams.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown model parameters: {sorted(unknown)}")
@@ -258,7 +272,12 @@ def spatial_domains(
 
     model = DomainModel(device=device, progress=progress, seed=seed, **model_params)
     model.fit(scores, loadings, conn, var_names=adata.var_names[genes].to_numpy())
-    embedding = model.get_embedding()
+    if scheduler is None and tile_size is None:
+        embedding, latent = model.get_embedding(), model.get_latent()
+    else:
+        with scheduler_client(scheduler) as client:
+            tiles = {"scheduler": client, "tile_size": tile_size}
+            embedding, latent = model.get_embedding(**tiles), model.get_latent(**tiles)
     reduced = PCA(min(_CLUSTER_PCS, embedding.shape[1]), random_state=seed).fit_transform(embedding)
     labels = cluster_embedding(reduced, n_domains, method=method, random_state=seed)
     if refine:
@@ -277,7 +296,7 @@ def spatial_domains(
     importance[genes] = model.gene_importance_
     adata.var["gene_importance"] = importance
     adata.obsm[f"X_{key_added}"] = embedding
-    adata.obsm[f"X_{key_added}_latent"] = model.get_latent()
+    adata.obsm[f"X_{key_added}_latent"] = latent
     cats = [str(c) for c in range(int(labels.max()) + 1)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     params = {
@@ -293,6 +312,7 @@ def spatial_domains(
         "method": method,
         "refine": bool(refine),
         "seed": int(seed),
+        "scheduler": describe_scheduler(scheduler),
         **{k: v for k, v in model.params.__dict__.items() if v is not None},
     }
     adata.uns[key_added] = {

@@ -33,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from chronotope._errors import ChronotopeInputError
+from chronotope.parallel import Scheduler, parallel_map
 from chronotope.undiffuse.kernels import Kernel
 
 __all__ = [
@@ -226,6 +227,90 @@ def _em_block(
     return best, best_it.cpu(), trace
 
 
+def _host_block(x: np.ndarray | sp.spmatrix, cols: slice) -> np.ndarray | sp.csr_matrix:
+    """Columns ``cols`` of ``x`` on the host: CSR with sorted indices, or a dense array."""
+    if sp.issparse(x):
+        blk = sp.csr_matrix(x[:, cols])
+        blk.sort_indices()
+        return blk
+    return np.ascontiguousarray(np.asarray(x)[:, cols])
+
+
+def _thin_block(blk: np.ndarray | sp.csr_matrix, rng: np.random.Generator):
+    """Binomial half (``p = 1/2``) of a count block, the same draws for dense and CSR."""
+    if sp.issparse(blk):
+        out = blk.copy()
+        trials = np.asarray(out.data, dtype=np.float32).astype(np.int64)
+        out.data = rng.binomial(trials, 0.5).astype(np.float64)
+        return out
+    return rng.binomial(np.asarray(blk, dtype=np.float32).astype(np.int64), 0.5)
+
+
+def _em_batch_task(
+    item: tuple,
+    *,
+    op: DiffusionOperator,
+    a_self: torch.Tensor,
+    iters: int,
+    cv: bool,
+    patience: int,
+    dtype: torch.dtype,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """EM of one gene batch (a :func:`chronotope.parallel.parallel_map` task).
+
+    ``item`` is ``(cols, counts, thinned half or None, signatures or None)`` as numpy /
+    scipy; returns ``(z, iterations, trace, stay, observed)`` as numpy.
+    """
+    _cols, xb_np, x1_np, sig_np = item
+    dev = op.kernel.device
+    full = slice(None)
+    xb = _dense_block(xb_np, full, dev, dtype)
+    sig_t = None if sig_np is None else torch.as_tensor(sig_np, dtype=dtype, device=dev)
+    h0 = None
+    if sig_t is not None:
+        k = sig_t.shape[0]
+        # abundances start at the spot's share of the total, spread over types
+        xt = xb[op.tissue].sum(dim=1, keepdim=True)
+        h0 = (xt / k).expand(-1, k) / sig_t.sum(dim=1).mean().clamp_min(_TINY) + _TINY
+    if cv:
+        x1 = _dense_block(x1_np, full, dev, dtype)
+        x2 = xb - x1
+        both = torch.cat([x1, x2], dim=1)
+        held = torch.cat([x2, x1], dim=1)
+        sig2 = None if sig_t is None else torch.cat([sig_t, sig_t], dim=1)
+        h02 = None if h0 is None else h0 * 0.5
+        zb, it_b, tr = _em_block(
+            op,
+            both,
+            iters,
+            heldout=held,
+            patience=patience,
+            signatures=sig2,
+            abundances=h02,
+        )
+        g = xb.shape[1]
+        z = zb[:, :g] + zb[:, g:]
+        used = 0.5 * (it_b[:g].numpy() + it_b[g:].numpy())
+    else:
+        z, it_b, tr = _em_block(
+            op,
+            xb,
+            iters,
+            heldout=None,
+            patience=patience,
+            signatures=sig_t,
+            abundances=h0,
+        )
+        used = it_b.numpy().astype(np.float64)
+    # share of each spot's molecules that stayed at their own spot (E-step)
+    rate = op.forward(z).clamp_min(_TINY)
+    own = torch.zeros_like(rate)
+    own[op.tissue] = a_self.to(dev)[:, None] * z
+    stay = (xb * own / rate).sum(dim=1).double().cpu().numpy()
+    observed = xb.sum(dim=1).double().cpu().numpy()
+    return z.cpu().numpy(), used, tr.numpy(), stay, observed
+
+
 def em_deconvolve(
     x: np.ndarray | sp.spmatrix,
     op: DiffusionOperator,
@@ -240,6 +325,7 @@ def em_deconvolve(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     callback: Callable[[int, int], None] | None = None,
+    scheduler: Scheduler = None,
 ) -> EMResult:
     """Maximum-likelihood sources of all genes by Richardson-Lucy / EM, in gene batches.
 
@@ -270,11 +356,15 @@ def em_deconvolve(
         tqdm bar over gene batches.
     callback
         Called as ``callback(done_genes, total_genes)`` after each batch.
+    scheduler
+        Where the gene batches run (:func:`chronotope.parallel.parallel_map`): ``None``
+        (in-process), ``"local:N"``, a Dask scheduler address or a ``distributed.Client``.
+        The operator is sent to every worker once; the thinning is drawn here, so the
+        result is the same on every scheduler.
     """
     n, n_genes = x.shape
     if n != op.n:
         raise ChronotopeInputError(f"x has {n} spots but the operator {op.n}")
-    dev = op.kernel.device
     cv = n_iter == "auto"
     if not cv and (not isinstance(n_iter, (int, np.integer)) or n_iter < 1):
         raise ChronotopeInputError(f"n_iter must be 'auto' or a positive integer, got {n_iter!r}")
@@ -291,74 +381,51 @@ def em_deconvolve(
     trace_total = np.zeros(iters, dtype=np.float64)
     stay = torch.zeros(n, dtype=torch.float64)
     observed = torch.zeros(n, dtype=torch.float64)
-    sig_t = None
     if signatures is not None:
         sig_all = np.asarray(signatures, dtype=np.float64)
     batches = list(range(0, n_genes, batch_size))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_genes, desc="undiffuse", unit="gene")
     a_self = op.self_weight().to(dtype)
+    # the thinning is drawn here, batch after batch, so the result does not depend on
+    # where the batches run (binomial draws of the non-zeros in row order are those of
+    # the dense block: a draw from 0 trials consumes no randomness)
+    items = []
     for lo in batches:
         cols = slice(lo, min(lo + batch_size, n_genes))
-        xb = _dense_block(x, cols, dev, dtype)
-        if signatures is not None:
-            sig_t = torch.as_tensor(sig_all[:, cols], dtype=dtype, device=dev)
-        h0 = None
-        if sig_t is not None:
-            k = sig_t.shape[0]
-            # abundances start at the spot's share of the total, spread over types
-            xt = xb[op.tissue].sum(dim=1, keepdim=True)
-            h0 = (xt / k).expand(-1, k) / sig_t.sum(dim=1).mean().clamp_min(_TINY) + _TINY
+        xb_np = _host_block(x, cols)
+        x1_np = None
         if cv:
-            x1np = rng.binomial(xb.cpu().numpy().astype(np.int64), 0.5)
-            x1 = torch.as_tensor(x1np, dtype=dtype, device=dev)
-            x2 = xb - x1
-            both = torch.cat([x1, x2], dim=1)
-            held = torch.cat([x2, x1], dim=1)
-            sig2 = None if sig_t is None else torch.cat([sig_t, sig_t], dim=1)
-            h02 = None if h0 is None else h0 * 0.5
-            zb, it_b, tr = _em_block(
-                op,
-                both,
-                iters,
-                heldout=held,
-                patience=patience,
-                signatures=sig2,
-                abundances=h02,
-            )
-            g = xb.shape[1]
-            z = zb[:, :g] + zb[:, g:]
-            used[cols] = 0.5 * (it_b[:g].numpy() + it_b[g:].numpy())
-        else:
-            z, it_b, tr = _em_block(
-                op,
-                xb,
-                iters,
-                heldout=None,
-                patience=patience,
-                signatures=sig_t,
-                abundances=h0,
-            )
-            used[cols] = it_b.numpy()
-        trace_total[: tr.numel()] += tr.numpy()
-        if tr.numel() < iters:  # stopped early: carry the last value forward
-            trace_total[tr.numel() :] += float(tr[-1])
-        # share of each spot's molecules that stayed at their own spot (E-step)
-        rate = op.forward(z).clamp_min(_TINY)
-        own = torch.zeros_like(rate)
-        own[op.tissue] = a_self[:, None] * z
-        stay += (xb * own / rate).sum(dim=1).double().cpu()
-        observed += xb.sum(dim=1).double().cpu()
-        z_out[:, cols] = z.cpu().numpy()
-        if bar is not None:
-            bar.update(cols.stop - cols.start)
+            x1_np = _thin_block(xb_np, rng)
+        sig_np = None if signatures is None else sig_all[:, cols]
+        items.append((cols, xb_np, x1_np, sig_np))
+    results = parallel_map(
+        _em_batch_task,
+        items,
+        scheduler=scheduler,
+        shared={
+            "op": op,
+            "a_self": a_self,
+            "iters": iters,
+            "cv": cv,
+            "patience": patience,
+            "dtype": dtype,
+        },
+        progress=progress,
+        desc="undiffuse",
+    )
+    # z_out is zero-filled lazily by the OS: copying one batch and dropping it keeps the
+    # peak near one copy of the sources
+    for i, (cols, *_) in enumerate(items):
+        z, used_b, tr, stay_b, observed_b = results[i]
+        results[i] = None
+        used[cols] = used_b
+        trace_total[: tr.size] += tr
+        if tr.size < iters:  # stopped early: carry the last value forward
+            trace_total[tr.size :] += float(tr[-1])
+        stay += torch.as_tensor(stay_b)
+        observed += torch.as_tensor(observed_b)
+        z_out[:, cols] = z
         if callback is not None:
             callback(cols.stop, n_genes)
-    if bar is not None:
-        bar.close()
     frac = np.where(
         observed.numpy() > 0, 1.0 - stay.numpy() / np.maximum(observed.numpy(), 1e-300), 0.0
     )
@@ -649,6 +716,50 @@ def lowrank_deconvolve(
     )
 
 
+def _refine_batch_task(
+    item: tuple,
+    *,
+    op: DiffusionOperator,
+    h: np.ndarray | None,
+    max_iter: int,
+    patience: int,
+    dtype: torch.dtype,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per-gene RL of one gene batch for :func:`refine_pergene` (a ``parallel_map`` task).
+
+    ``item`` is ``(cols, counts, start sources, (x1, x2) halves or None, half-fit profiles
+    of the columns or None, steps or None)``; returns ``(z or None when no step, steps)``.
+    """
+    _cols, xb_np, z0_cols, held, w_cols, k = item
+    dev = op.kernel.device
+    full = slice(None)
+    if k is None:
+        x1 = _dense_block(held[0], full, dev, dtype)
+        x2 = _dense_block(held[1], full, dev, dtype)
+        z = torch.as_tensor(h @ w_cols, dtype=dtype, device=dev)
+        z = z.clamp_min(_TINY)
+        best = poisson_loglik(x2, op.forward(z))
+        best_it = torch.zeros(z.shape[1], dtype=torch.long, device=dev)
+        for it in range(max_iter):
+            z = z * op.adjoint(_ratio(x1, op.forward(z)))
+            ll = poisson_loglik(x2, op.forward(z))
+            better = ll > best
+            best = torch.where(better, ll, best)
+            best_it = torch.where(better, torch.full_like(best_it, it + 1), best_it)
+            if it + 1 - int(best_it.max()) >= patience:
+                break
+        k = best_it.cpu().numpy()
+    if k.max() == 0:
+        return None, k
+    xb = _dense_block(xb_np, full, dev, dtype)
+    z = torch.as_tensor(z0_cols, device=dev, dtype=dtype).clamp_min(_TINY)
+    kt = torch.as_tensor(k, device=dev)
+    for it in range(int(k.max())):
+        step = z * op.adjoint(_ratio(xb, op.forward(z)))
+        z = torch.where((kt > it)[None, :], step, z)
+    return z.cpu().numpy(), k
+
+
 def refine_pergene(
     x: sp.spmatrix | np.ndarray,
     op: DiffusionOperator,
@@ -660,6 +771,8 @@ def refine_pergene(
     patience: int = 5,
     memory_gb: float = 2.0,
     dtype: torch.dtype = torch.float32,
+    scheduler: Scheduler = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene Richardson-Lucy steps started from low-rank sources ``z0`` (tissue x G).
 
@@ -670,44 +783,49 @@ def refine_pergene(
     each gene keeps its best count (0 allowed); then RL on ``x`` from ``z0`` runs that
     many steps per gene. Or give ``n_iter`` (per gene or one number).
 
+    Gene batches (of ``memory_gb``) are independent: ``scheduler`` (``None``,
+    ``"local:N"``, a Dask address or a ``distributed.Client``, see
+    :func:`chronotope.parallel.parallel_map`) says where they run, with the same result;
+    ``progress`` shows a bar over batches.
+
     Returns ``(z, n_iter_per_gene)``.
     """
     n, g = x.shape
-    dev = op.kernel.device
     if n_iter is None and half is None:
         raise ChronotopeInputError("refine_pergene needs half (held-out) or n_iter")
     cells = getattr(op.kernel, "hp", 0) * getattr(op.kernel, "wp", 0) or n
     bs = int(max(1, min(g, memory_gb * 2**30 // (4 * (10 * n + 4 * cells)))))
     steps = np.zeros(g, dtype=np.int64)
     z_out = np.array(z0, dtype=np.float32, copy=True)
+    items = []
     for lo in range(0, g, bs):
         cols = slice(lo, min(lo + bs, g))
         if n_iter is None:
-            x1 = _dense_block(half["x1"], cols, dev, dtype)
-            x2 = _dense_block(half["x2"], cols, dev, dtype)
-            z = torch.as_tensor(half["h"] @ half["w"][:, cols], dtype=dtype, device=dev)
-            z = z.clamp_min(_TINY)
-            best = poisson_loglik(x2, op.forward(z))
-            best_it = torch.zeros(z.shape[1], dtype=torch.long)
-            for it in range(max_iter):
-                z = z * op.adjoint(_ratio(x1, op.forward(z)))
-                ll = poisson_loglik(x2, op.forward(z))
-                better = ll > best
-                best = torch.where(better, ll, best)
-                best_it = torch.where(better, torch.full_like(best_it, it + 1), best_it)
-                if it + 1 - int(best_it.max()) >= patience:
-                    break
-            k = best_it.numpy()
+            held = (_host_block(half["x1"], cols), _host_block(half["x2"], cols))
+            w_cols = np.ascontiguousarray(half["w"][:, cols])
+            k = None
         else:
+            held, w_cols = None, None
             k = np.broadcast_to(np.asarray(n_iter, dtype=np.int64), (g,))[cols].copy()
+        items.append((cols, _host_block(x, cols), z_out[:, cols].copy(), held, w_cols, k))
+    results = parallel_map(
+        _refine_batch_task,
+        items,
+        scheduler=scheduler,
+        shared={
+            "op": op,
+            "h": None if half is None else half["h"],
+            "max_iter": max_iter,
+            "patience": patience,
+            "dtype": dtype,
+        },
+        progress=progress,
+        desc="undiffuse (refine)",
+    )
+    for i, (cols, *_) in enumerate(items):
+        z, k = results[i]
+        results[i] = None
         steps[cols] = k
-        if k.max() == 0:
-            continue
-        xb = _dense_block(x, cols, dev, dtype)
-        z = torch.as_tensor(z_out[:, cols], device=dev, dtype=dtype).clamp_min(_TINY)
-        kt = torch.as_tensor(k, device=dev)
-        for it in range(int(k.max())):
-            step = z * op.adjoint(_ratio(xb, op.forward(z)))
-            z = torch.where((kt > it)[None, :], step, z)
-        z_out[:, cols] = z.cpu().numpy()
+        if z is not None:
+            z_out[:, cols] = z
     return z_out, steps
