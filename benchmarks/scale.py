@@ -230,12 +230,18 @@ def step_domains(spec: dict) -> dict:
     truth = ad.obs["layer"].astype(str).to_numpy() if "layer" in ad.obs else None
     var_names = ad.var_names.to_numpy()
     n_obs = ad.n_obs
+    tile = ad.obs["tile"].to_numpy() if "tile" in ad.obs else np.zeros(n_obs, dtype=int)
     ad.file.close()
     tic = time.perf_counter()
-    # spatially contiguous training window: the first n_train bins (lattice rows)
+    # training subsample: whole copies of the slice (all layers, spatially contiguous),
+    # the first tiles that together hold at least n_train bins
+    sizes = np.bincount(tile)
+    n_tiles = int(np.searchsorted(np.cumsum(sizes), min(n_train, n_obs))) + 1
+    in_train = tile < n_tiles
     train = sp.vstack(
-        [c for rows, c in read_h5ad_chunks(spec["path"]) if rows.start < n_train]
-    ).tocsr()[:n_train]
+        [c[in_train[rows]] for rows, c in read_h5ad_chunks(spec["path"]) if in_train[rows].any()]
+    ).tocsr()
+    n_train = train.shape[0]
     view = anndata.AnnData(train)
     pp.highly_variable_genes(view, n_top_genes=min(1000, train.shape[1]))
     hvg = np.flatnonzero(view.var["highly_variable"].to_numpy(bool))
@@ -250,7 +256,7 @@ def step_domains(spec: dict) -> dict:
     comps = pca.components_.astype(np.float64)
     del dense
     scores_train = _project(sub, mean, std, comps)
-    conn_train = _graph(coords[:n_train])
+    conn_train = _graph(coords[in_train])
     model = DomainModel(seed=0, progress=False)
     model.fit(scores_train, comps.T.astype(np.float32), conn_train, var_names=var_names[hvg])
     t_train = time.perf_counter() - tic
@@ -265,8 +271,10 @@ def step_domains(spec: dict) -> dict:
     kw = {"scheduler": sched} if sched is not None else {}
     emb = model.get_embedding(scores, comps.T.astype(np.float32), conn, **kw)
     t_embed = time.perf_counter() - tic
+    np.save(Path(spec["work"]) / f"embedding_{spec['tag']}.npy", emb)
     out: dict[str, Any] = {
         "train_spots": n_train,
+        "train_tiles": n_tiles,
         "hvg": len(hvg),
         "seconds_train": t_train,
         "seconds_project": t_project,
@@ -355,6 +363,7 @@ def step_equivalence(spec: dict) -> dict:
             background=_BACKGROUND,
             n_iter=spec["n_iter_equiv"],
             diagnostics=False,
+            tissue_key="in_tissue" if "in_tissue" in a.obs else None,
             scheduler=sched,
         )
         out[str(sched)] = (a.layers["undiffused"], time.perf_counter() - tic)
@@ -448,6 +457,23 @@ def _line(step: str, sched: str, n: int, res: dict) -> str:
     )
 
 
+def _compare(work: Path, step: str, n: int) -> str:
+    """Max relative difference of the in-process and local:2 outputs of a step (on disk)."""
+    if step == "domains":
+        pairs = [(work / "embedding_domains_none.npy", work / "embedding_domains_local2.npy")]
+    else:
+        a_dir, b_dir = work / "sources_undiffuse_none", work / "sources_undiffuse_local2"
+        pairs = [(f, b_dir / f.name) for f in sorted(a_dir.glob("*.npy"))]
+    if not pairs or not all(a.is_file() and b.is_file() for a, b in pairs):
+        return f"scale {step} {n} spots [None vs local:2]: not both run"
+    worst = 0.0
+    for a, b in pairs:
+        x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
+        big = np.abs(x) > 1e-6 * max(np.abs(x).max(), 1e-30)
+        worst = max(worst, float((np.abs(x - y)[big] / np.abs(x)[big]).max(initial=0.0)))
+    return f"scale {step} {n} spots [None vs local:2]: max_rel_diff {worst:.3g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -539,6 +565,8 @@ def main() -> None:
                 ),
                 flush=True,
             )
+        if step in ("domains", "undiffuse"):
+            print(_compare(work, step, args.spots), flush=True)
 
 
 if __name__ == "__main__":
