@@ -369,7 +369,7 @@ def step_equivalence(spec: dict) -> dict:
         out[str(sched)] = (a.layers["undiffused"], time.perf_counter() - tic)
     a, ta = out["None"]
     b, tb = out["local:2"]
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = (np.asarray(sp.csr_matrix(m).toarray(), dtype=np.float64) for m in (a, b))
     rel = np.abs(a - b) / np.maximum(np.abs(a), 1e-12)
     return {
         "genes": int(ad.n_vars),
@@ -515,7 +515,7 @@ def main() -> None:
     print(
         f"# device {device} ({name}); {os.cpu_count()} cpus; undiffuse parameters GIVEN "
         f"(sigma {_SIGMA}, bleed {_BLEED}, background {_BACKGROUND}), FIXED n_iter "
-        f"{args.n_iter}",
+        f"{args.n_iter} (equivalence: {args.n_iter_equiv}); steps {','.join(steps)}",
         flush=True,
     )
     base = {
