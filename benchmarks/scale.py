@@ -257,7 +257,7 @@ def step_domains(spec: dict) -> dict:
     del dense
     scores_train = _project(sub, mean, std, comps)
     conn_train = _graph(coords[in_train])
-    model = DomainModel(seed=0, progress=False)
+    model = DomainModel(seed=0, device=spec["device"], progress=False)
     model.fit(scores_train, comps.T.astype(np.float32), conn_train, var_names=var_names[hvg])
     t_train = time.perf_counter() - tic
     # out of core: every bin's scores chunk by chunk
