@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from torch import nn
 
+from chronotope import _ddp
 from chronotope._atomic import save_json, save_state_dict
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
@@ -381,6 +382,13 @@ class DomainModel:
             var = torch.from_numpy(scores.var(axis=0).astype(np.float32))
             net.gene_scale.copy_(torch.sqrt((torch.from_numpy(loadings) ** 2 * var).sum(1)))
         net.to(self.device)
+        # torch.distributed (torchrun): every process draws the same batches and takes its
+        # share of each (see chronotope._ddp); gradients are summed before the step
+        rank, world = _ddp.world()
+        if world > 1:
+            if n_obs < world:
+                raise ChronotopeInputError(f"{n_obs} spots for {world} processes")
+            _ddp.broadcast_module(net)
         gate_params = [net.gate_logit]
         other = [prm for name, prm in net.named_parameters() if name != "gate_logit"]
         opt = _Adam([(other, p.learning_rate), (gate_params, p.learning_rate * _GATE_LR_FACTOR)])
@@ -392,9 +400,9 @@ class DomainModel:
         position = np.empty(n_obs, dtype=np.int64)
         position[reverse_cuthill_mckee(sym, symmetric_mode=True)] = np.arange(n_obs)
         if full:
-            parts_fixed = self._parts(np.arange(n_obs), sym, mean, position)
+            parts_fixed = self._parts(np.arange(n_obs), sym, mean, position, rank, world)
         epochs = range(n_epochs)
-        if self.progress:
+        if self.progress and rank == 0:
             from tqdm.auto import tqdm
 
             epochs = tqdm(epochs, desc="domains", unit="epoch")
@@ -405,22 +413,28 @@ class DomainModel:
             n_steps = 0
             chunks = [None] if full else np.array_split(order, math.ceil(n_obs / p.batch_size))
             for idx in chunks:
-                step_parts = parts_fixed if full else self._parts(idx, sym, mean, position)
+                step_parts = (
+                    parts_fixed if full else self._parts(idx, sym, mean, position, rank, world)
+                )
                 opt.zero_grad()
                 for batch, share in step_parts:
                     loss, parts = self._loss(net, batch, stack, corrupt, target, load_t)
                     (loss if share == 1.0 else loss * share).backward()
                     totals += share * parts
                     del loss
+                if world > 1:
+                    _ddp.all_reduce_grads(net.parameters())
                 opt.step()
                 n_steps += 1
+            if world > 1:
+                totals = _ddp.all_reduce_sum(totals, self.device)
             rec = dict(
                 zip(("contrastive", "reconstruction", "gate"), totals / n_steps, strict=True)
             )
             self.history_.append(rec)
         self.network = net.eval()
         self._cache = {"stack": stack, "sym": sym, "loadings": load_t}
-        logger.info(
+        (logger.info if rank == 0 else logger.debug)(
             "domain model: %d spots, %d epochs, final losses %s",
             n_obs,
             n_epochs,
@@ -429,9 +443,26 @@ class DomainModel:
         return self
 
     def _parts(
-        self, idx: np.ndarray, sym: sp.csr_matrix, mean: sp.csr_matrix, position: np.ndarray
+        self,
+        idx: np.ndarray,
+        sym: sp.csr_matrix,
+        mean: sp.csr_matrix,
+        position: np.ndarray,
+        rank: int = 0,
+        world: int = 1,
     ) -> list[tuple[_Batch, float]]:
-        """The spots ``idx`` of one step as ``(batch, share of the spots)`` parts."""
+        """The spots ``idx`` of one step as ``(batch, share of the spots)`` parts.
+
+        With ``world > 1`` processes: the parts of this ``rank``'s contiguous share of the
+        step (in graph order), their shares relative to the whole step.
+        """
+        if world > 1:
+            ordered = idx[np.argsort(position[idx], kind="stable")]
+            mine = _ddp.shard(ordered, rank, world)
+            if len(mine) == 0:
+                return []
+            frac = len(mine) / len(idx)
+            return [(b, s * frac) for b, s in self._parts(mine, sym, mean, position)]
         n_obs = sym.shape[0]
         if len(idx) <= _ONE_PASS:
             if len(idx) == n_obs:

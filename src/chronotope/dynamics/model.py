@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chronotope import _ddp
 from chronotope._atomic import save_json, save_state_dict
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
@@ -473,13 +474,23 @@ class DynamicsModel:
         )
         n_int = len(pools)
         per = max(1, p.batch_size // n_int)
+        # torch.distributed (torchrun): all processes draw the same global batch, each
+        # trains on its rows of it and the gradients are summed (see chronotope._ddp)
+        rank, world = _ddp.world()
+        rows, frac = None, 1.0
+        if world > 1:
+            _ddp.broadcast_module(nets)
+            mine = _ddp.shard(np.arange(n_int * per), rank, world)
+            rows, frac = torch.as_tensor(mine, device=dev), len(mine) / (n_int * per)
         opt = torch.optim.Adam(nets.parameters(), lr=p.learning_rate)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=p.n_steps, eta_min=0.05 * p.learning_rate
         )
         hist = _History()
         which = torch.arange(n_int, device=dev).repeat_interleave(per)
-        bar = tqdm(range(p.n_steps), desc="dynamics", disable=not progress, leave=False)
+        if rows is not None:
+            which = which[rows]
+        bar = tqdm(range(p.n_steps), desc="dynamics", disable=not progress or rank > 0, leave=False)
         for _ in bar:
             idx = torch.cat(
                 [
@@ -490,6 +501,8 @@ class DynamicsModel:
             z0, z1 = z_all[idx[:, 0]], z_all[idx[:, 1]]
             s = (torch.rand(idx.shape[0], 1, generator=gen) * (1 - 2 * _S_MIN) + _S_MIN).to(dev)
             xi = torch.randn(z0.shape, generator=gen).to(dev)
+            if rows is not None:  # this process's share of the global batch
+                idx, z0, z1, s, xi = idx[rows], z0[rows], z1[rows], s[rows], xi[rows]
             dt = dtau[which][:, None]
             std = sig_z * torch.sqrt(s * (1 - s) * dt)
             zt = (1 - s) * z0 + s * z1 + std * xi
@@ -509,13 +522,20 @@ class DynamicsModel:
             loss_g = ((nets.growth(inp.detach())[:, 0] - g_all[idx[:, 0]]) ** 2).mean()
             loss = loss + p.growth_weight * loss_g
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if rows is None:
+                loss.backward()
+            else:
+                (loss * frac).backward()
+                _ddp.all_reduce_grads(nets.parameters())
             opt.step()
             sched.step()
-            hist.loss.append(float(loss.detach()))
-            hist.flow.append(float(loss_v.detach()))
-            hist.score.append(float(loss_s.detach()))
-            hist.growth.append(float(loss_g.detach()))
+            parts = [float(v.detach()) for v in (loss, loss_v, loss_s, loss_g)]
+            if rows is not None:
+                parts = list(_ddp.all_reduce_sum(np.asarray(parts) * frac, dev))
+            hist.loss.append(parts[0])
+            hist.flow.append(parts[1])
+            hist.score.append(parts[2])
+            hist.growth.append(parts[3])
         nets.eval()
         self.networks = nets
         self.history_ = {k: np.asarray(v) for k, v in asdict(hist).items()}

@@ -8,6 +8,7 @@ coordinates in ``obsm["spatial"]`` and times in ``obs["time"]``, and raise
 from __future__ import annotations
 
 from chronotope._validate import MissingFileError
+from chronotope.io._chunks import read_h5ad_backed, read_h5ad_chunks
 from chronotope.io._visium import read_image, read_scalefactors, read_tissue_positions
 from chronotope.io.readers import (
     read_10x_h5,
@@ -24,6 +25,8 @@ __all__ = [
     "read_10x_mtx",
     "read_csv_counts",
     "read_h5ad",
+    "read_h5ad_backed",
+    "read_h5ad_chunks",
     "read_image",
     "read_scalefactors",
     "read_time_series",
