@@ -71,6 +71,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
+from chronotope.dynamics.paths import SplineMeans, linear_mass_rate
 
 __all__ = ["DynamicsModel", "DynamicsParams", "GeneMap", "SimulationResult"]
 
@@ -121,6 +122,18 @@ class DynamicsParams:
         Fewest cells a time point may have.
     seed
         Seed of the couplings, the weight initialisation and the training samples.
+    paths
+        Mean of the conditional (Brownian-bridge) paths: ``"spline"`` (default), a
+        Catmull-Rom cubic through the pair and its chained neighbours in the adjacent
+        plans (:mod:`chronotope.dynamics.paths`; the straight line when there are two
+        time points); ``"linear"``, the straight line between the pair (the behaviour
+        before the spline paths).
+    growth_path
+        How a conditional path's mass goes from its source cell's mass ``c`` to the mass
+        ``r`` the plan sends from it: ``"linear"`` (default), ``m(s) = (1 - s) c + s r``,
+        so the growth target at bridge time ``s`` is ``(rho - 1) / (dt (1 + s (rho - 1)))``
+        with ``rho = r / c``; ``"exponential"``, a constant rate ``log(rho) / dt`` over the
+        interval (the behaviour before). Both give the same mass at the interval's ends.
     """
 
     hidden: int = 128
@@ -139,8 +152,16 @@ class DynamicsParams:
     n_pairs: int | None = None
     min_cells: int = MIN_CELLS
     seed: int = 0
+    paths: str = "spline"
+    growth_path: str = "linear"
 
     def __post_init__(self) -> None:
+        if self.growth_path not in ("linear", "exponential"):
+            raise ChronotopeInputError(
+                f"growth_path must be 'linear' or 'exponential', got {self.growth_path!r}."
+            )
+        if self.paths not in ("spline", "linear"):
+            raise ChronotopeInputError(f"paths must be 'spline' or 'linear', got {self.paths!r}.")
         for name in ("hidden", "n_layers", "n_steps", "batch_size", "n_rounds"):
             if int(getattr(self, name)) < 1:
                 raise ChronotopeInputError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -471,6 +492,7 @@ class DynamicsModel:
         )
         hist = _History()
         which = torch.arange(n_int, device=dev).repeat_interleave(per)
+        spline = SplineMeans(pools, tau0, dtau) if p.paths == "spline" and n_int > 1 else None
         bar = tqdm(range(p.n_steps), desc="dynamics", disable=not progress, leave=False)
         for _ in bar:
             idx = torch.cat(
@@ -484,11 +506,12 @@ class DynamicsModel:
             xi = torch.randn(z0.shape, generator=gen).to(dev)
             dt = dtau[which][:, None]
             std = sig_z * torch.sqrt(s * (1 - s) * dt)
-            zt = (1 - s) * z0 + s * z1 + std * xi
+            mu, dmu = ((1 - s) * z0 + s * z1, (z1 - z0) / dt)
+            if spline is not None:
+                mu, dmu = spline.mean(z_all, idx, which, s, gen)
+            zt = mu + std * xi
             tau = tau0[which][:, None] + s * dt
-            target_v = (z1 - z0) / dt + sig_z * (1 - 2 * s) / (
-                2 * torch.sqrt(s * (1 - s) * dt)
-            ) * xi
+            target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
             inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
             loss_v = ((nets.velocity(inp) - target_v) ** 2).sum(1).mean()
             loss = loss_v
@@ -498,7 +521,10 @@ class DynamicsModel:
                 (grad,) = torch.autograd.grad(pot.sum(), inp, create_graph=True)
                 loss_s = ((std * (-grad[:, :dim]) + xi) ** 2).sum(1).mean()
                 loss = loss + p.score_weight * loss_s
-            loss_g = ((nets.growth(inp.detach())[:, 0] - g_all[idx[:, 0]]) ** 2).mean()
+            g_target = g_all[idx[:, 0]]
+            if p.growth_path == "linear":
+                g_target = linear_mass_rate(g_target, s[:, 0], dt[:, 0])
+            loss_g = ((nets.growth(inp.detach())[:, 0] - g_target) ** 2).mean()
             loss = loss + p.growth_weight * loss_g
             opt.zero_grad(set_to_none=True)
             loss.backward()
