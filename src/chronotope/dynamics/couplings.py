@@ -183,7 +183,7 @@ def snapshot_couplings(
     *,
     masses: np.ndarray | list[float] | None = None,
     growth_prior: np.ndarray | None = None,
-    epsilon: float = 0.05,
+    epsilon: float = 0.01,
     sigma: float | None = None,
     tau_a: float = 0.99,
     tau_b: float = 1.0,

@@ -143,7 +143,7 @@ class DynamicsParams:
     learning_rate: float = 1e-3
     score_weight: float = 1.0
     growth_weight: float = 1.0
-    epsilon: float = 0.05
+    epsilon: float = 0.01
     sigma: float | None = None
     tau_a: float = 0.99
     tau_b: float = 1.0
