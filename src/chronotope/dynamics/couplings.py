@@ -185,7 +185,7 @@ def snapshot_couplings(
     growth_prior: np.ndarray | None = None,
     epsilon: float = 0.01,
     sigma: float | None = None,
-    tau_a: float = 0.99,
+    tau_a: float = 0.998,
     tau_b: float = 1.0,
     batch_size: int = 4096,
     n_rounds: int = 1,

@@ -145,7 +145,7 @@ class DynamicsParams:
     growth_weight: float = 1.0
     epsilon: float = 0.01
     sigma: float | None = None
-    tau_a: float = 0.99
+    tau_a: float = 0.998
     tau_b: float = 1.0
     coupling_batch_size: int = 4096
     n_rounds: int = 1
