@@ -53,7 +53,9 @@ for every method. Mass error ``|sum w - n_k / n_0|`` (start masses ``1 / n``).
 
 Methods, same subsamples, same fit (time points) per task:
 
-- ``ours``: :class:`chronotope.dynamics.DynamicsModel`, default hyperparameters, ODE.
+- ``ours``: :class:`chronotope.dynamics.DynamicsModel`, default hyperparameters, pushed by
+  the SDE with 4 particles per start cell (``--particles``, the default of ``predict``;
+  ``--method ode --particles 1`` is the probability-flow push of the first sessions).
 - ``previous``: the latest training time point before ``t_k``, as is.
 - ``mccann``: exact OT displacement interpolation between the training neighbours of a
   held-out ``t_k`` (held-out tasks only).
@@ -448,8 +450,9 @@ def run_case(
     params: dict[str, object],
     peers: tuple[str, ...],
     *,
-    method: str = "ode",
+    method: str = "sde",
     ours: bool = True,
+    particles: int = 4,
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
 
@@ -471,8 +474,9 @@ def run_case(
             model = DynamicsModel(seed=seed, device=bench_device(), **params).fit(x[keep], t[keep])
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()
+            x0_rep = np.repeat(x0, particles, axis=0)  # particles per start cell
             res = model.simulate(
-                x0, times[0], max(targets), method=method, t_eval=targets, seed=seed
+                x0_rep, times[0], max(targets), method=method, t_eval=targets, seed=seed
             )
             sim_s = time.perf_counter() - tic
             timings = model.timings_
@@ -597,10 +601,18 @@ def main() -> None:
     ap.add_argument("--tasks", default="all,loo,extrap")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--peers", default="otcfm,sbcfm", help="comma list or 'none'")
-    ap.add_argument("--method", default="ode", choices=["ode", "sde"])
+    ap.add_argument("--method", default="sde", choices=["ode", "sde"])
+    ap.add_argument(
+        "--particles",
+        type=int,
+        default=4,
+        help="particles per start cell for ours (as predict --n-particles); ode: use 1",
+    )
     ap.add_argument("--n-steps", type=int, default=None, help="override DynamicsParams.n_steps")
     ap.add_argument("--epsilon", type=float, default=None, help="override DynamicsParams.epsilon")
     ap.add_argument("--tau-a", type=float, default=None, help="override DynamicsParams.tau_a")
+    ap.add_argument("--paths", default=None, help="override DynamicsParams.paths")
+    ap.add_argument("--growth-path", default=None, help="override DynamicsParams.growth_path")
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -637,7 +649,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     params: dict[str, object] = {}
-    for key, val in (("n_steps", args.n_steps), ("epsilon", args.epsilon), ("tau_a", args.tau_a)):
+    for key, val in (
+        ("n_steps", args.n_steps),
+        ("epsilon", args.epsilon),
+        ("tau_a", args.tau_a),
+        ("paths", args.paths),
+        ("growth_path", args.growth_path),
+    ):
         if val is not None:
             params[key] = val
     if args.no_clamp:
@@ -657,6 +675,7 @@ def main() -> None:
             ap.error(f"unknown peer {p!r}; use {PEERS} or none")
     print(
         f"threads {args.threads}; params overrides {params or 'none (defaults)'}; "
+        f"ours: {args.method} x {args.particles} particles per start cell; "
         f"peers {peers or 'none'}; seeds {args.seeds}"
     )
     rows: list[dict[str, object]] = []
@@ -674,7 +693,15 @@ def main() -> None:
         for task in tasks.split(","):
             for seed in map(int, args.seeds.split(",")):
                 r, tr = run_case(
-                    name, d, task, seed, params, peers, method=args.method, ours=not args.no_ours
+                    name,
+                    d,
+                    task,
+                    seed,
+                    params,
+                    peers,
+                    method=args.method,
+                    ours=not args.no_ours,
+                    particles=args.particles,
                 )
                 rows += r
                 truths += tr

@@ -70,7 +70,11 @@ def test_sigma_and_epsilon_are_consistent() -> None:
 
 def test_chunked_blocks_keep_mass_and_cover_cells() -> None:
     x, t = _two_snapshots(230, 310, seed=1)
-    cpl = snapshot_couplings(x, t, batch_size=64, n_rounds=2, tau_b=1.0, n_pairs=5000)
+    # epsilon 0.05 (the default before 0.01): the 64-cell blocks then reach tol well within
+    # max_iter, which is what the exact-mass check below needs
+    cpl = snapshot_couplings(
+        x, t, batch_size=64, n_rounds=2, tau_b=1.0, n_pairs=5000, epsilon=0.05
+    )
     iv = cpl.intervals[0]
     assert iv.n_blocks == 5
     # tau_b = 1: every block delivers exactly its share of the target mass

@@ -183,7 +183,19 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     assert model.params.n_steps == 20 and model.time_key == "time"
     pred = tmp_path / "pred.h5ad"
     code, out, err = _run(
-        capsys, "dynamics", "predict", str(mdir), str(data), "--time", "0.5", "-o", str(pred)
+        capsys,
+        "dynamics",
+        "predict",
+        str(mdir),
+        str(data),
+        "--time",
+        "0.5",
+        "-o",
+        str(pred),
+        "--method",
+        "ode",
+        "--n-particles",
+        "1",
     )
     assert code == 0, err
     assert "particles" in out
@@ -262,7 +274,9 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     )
     assert code == 0, err
     p = ad.read_h5ad(pred)
-    assert p.X.shape == (n0, 6) and p.obsm["X"].shape == (n0, 6)
+    # default: 4 SDE particles per start cell
+    assert p.X.shape == (4 * n0, 6) and p.obsm["X"].shape == (4 * n0, 6)
+    np.testing.assert_allclose(p.obs["weight"].sum(), 1.0, atol=0.5)
 
 
 def test_cli_errors(capsys, tmp_path) -> None:

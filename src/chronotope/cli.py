@@ -784,7 +784,7 @@ def dynamics_fit(
     ] = None,
     epsilon: Annotated[
         float, typer.Option(help="Entropic regularisation, fraction of the mean cost.")
-    ] = 0.05,
+    ] = 0.01,
     growth_prior_key: Annotated[
         str | None, typer.Option(help="obs column with a prior growth rate per cell.")
     ] = None,
@@ -839,8 +839,8 @@ def dynamics_predict(
     time_key: Annotated[
         str | None, typer.Option(help="obs column with times (default: the model's).")
     ] = None,
-    method: Annotated[str, typer.Option(help="ode (probability flow) or sde.")] = "ode",
-    n_particles: Annotated[int, typer.Option(help="Particles per start cell.")] = 1,
+    method: Annotated[str, typer.Option(help="sde or ode (probability flow).")] = "sde",
+    n_particles: Annotated[int, typer.Option(help="Particles per start cell.")] = 4,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the SDE noise.")] = 0,
 ) -> None:

@@ -72,6 +72,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
+from chronotope.dynamics.paths import SplineMeans, linear_mass_rate
 from chronotope.parallel import Scheduler
 
 __all__ = ["DynamicsModel", "DynamicsParams", "GeneMap", "SimulationResult"]
@@ -123,6 +124,18 @@ class DynamicsParams:
         Fewest cells a time point may have.
     seed
         Seed of the couplings, the weight initialisation and the training samples.
+    paths
+        Mean of the conditional (Brownian-bridge) paths: ``"spline"`` (default), a
+        Catmull-Rom cubic through the pair and its chained neighbours in the adjacent
+        plans (:mod:`chronotope.dynamics.paths`; the straight line when there are two
+        time points); ``"linear"``, the straight line between the pair (the behaviour
+        before the spline paths).
+    growth_path
+        How a conditional path's mass goes from its source cell's mass ``c`` to the mass
+        ``r`` the plan sends from it: ``"linear"`` (default), ``m(s) = (1 - s) c + s r``,
+        so the growth target at bridge time ``s`` is ``(rho - 1) / (dt (1 + s (rho - 1)))``
+        with ``rho = r / c``; ``"exponential"``, a constant rate ``log(rho) / dt`` over the
+        interval (the behaviour before). Both give the same mass at the interval's ends.
     """
 
     hidden: int = 128
@@ -132,17 +145,25 @@ class DynamicsParams:
     learning_rate: float = 1e-3
     score_weight: float = 1.0
     growth_weight: float = 1.0
-    epsilon: float = 0.05
+    epsilon: float = 0.01
     sigma: float | None = None
-    tau_a: float = 0.99
+    tau_a: float = 0.998
     tau_b: float = 1.0
     coupling_batch_size: int = 4096
     n_rounds: int = 1
     n_pairs: int | None = None
     min_cells: int = MIN_CELLS
     seed: int = 0
+    paths: str = "spline"
+    growth_path: str = "linear"
 
     def __post_init__(self) -> None:
+        if self.growth_path not in ("linear", "exponential"):
+            raise ChronotopeInputError(
+                f"growth_path must be 'linear' or 'exponential', got {self.growth_path!r}."
+            )
+        if self.paths not in ("spline", "linear"):
+            raise ChronotopeInputError(f"paths must be 'spline' or 'linear', got {self.paths!r}.")
         for name in ("hidden", "n_layers", "n_steps", "batch_size", "n_rounds"):
             if int(getattr(self, name)) < 1:
                 raise ChronotopeInputError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -487,9 +508,9 @@ class DynamicsModel:
             opt, T_max=p.n_steps, eta_min=0.05 * p.learning_rate
         )
         hist = _History()
-        which = torch.arange(n_int, device=dev).repeat_interleave(per)
-        if rows is not None:
-            which = which[rows]
+        which_all = torch.arange(n_int, device=dev).repeat_interleave(per)
+        which = which_all if rows is None else which_all[rows]
+        spline = SplineMeans(pools, tau0, dtau) if p.paths == "spline" and n_int > 1 else None
         bar = tqdm(range(p.n_steps), desc="dynamics", disable=not progress or rank > 0, leave=False)
         for _ in bar:
             idx = torch.cat(
@@ -501,15 +522,19 @@ class DynamicsModel:
             z0, z1 = z_all[idx[:, 0]], z_all[idx[:, 1]]
             s = (torch.rand(idx.shape[0], 1, generator=gen) * (1 - 2 * _S_MIN) + _S_MIN).to(dev)
             xi = torch.randn(z0.shape, generator=gen).to(dev)
+            # path means on the whole global batch (the spline draws from ``gen``: every
+            # process draws the same numbers), then this process's share of it
+            mu, dmu = ((1 - s) * z0 + s * z1, (z1 - z0) / dtau[which_all][:, None])
+            if spline is not None:
+                mu, dmu = spline.mean(z_all, idx, which_all, s, gen)
             if rows is not None:  # this process's share of the global batch
                 idx, z0, z1, s, xi = idx[rows], z0[rows], z1[rows], s[rows], xi[rows]
+                mu, dmu = mu[rows], dmu[rows]
             dt = dtau[which][:, None]
             std = sig_z * torch.sqrt(s * (1 - s) * dt)
-            zt = (1 - s) * z0 + s * z1 + std * xi
+            zt = mu + std * xi
             tau = tau0[which][:, None] + s * dt
-            target_v = (z1 - z0) / dt + sig_z * (1 - 2 * s) / (
-                2 * torch.sqrt(s * (1 - s) * dt)
-            ) * xi
+            target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
             inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
             loss_v = ((nets.velocity(inp) - target_v) ** 2).sum(1).mean()
             loss = loss_v
@@ -519,7 +544,10 @@ class DynamicsModel:
                 (grad,) = torch.autograd.grad(pot.sum(), inp, create_graph=True)
                 loss_s = ((std * (-grad[:, :dim]) + xi) ** 2).sum(1).mean()
                 loss = loss + p.score_weight * loss_s
-            loss_g = ((nets.growth(inp.detach())[:, 0] - g_all[idx[:, 0]]) ** 2).mean()
+            g_target = g_all[idx[:, 0]]
+            if p.growth_path == "linear":
+                g_target = linear_mass_rate(g_target, s[:, 0], dt[:, 0])
+            loss_g = ((nets.growth(inp.detach())[:, 0] - g_target) ** 2).mean()
             loss = loss + p.growth_weight * loss_g
             opt.zero_grad(set_to_none=True)
             if rows is None:

@@ -879,8 +879,8 @@ def predict_dynamics(
     *,
     start_time: float | None = None,
     time_key: str | None = None,
-    method: Literal["ode", "sde"] = "ode",
-    n_particles: int = 1,
+    method: Literal["ode", "sde"] = "sde",
+    n_particles: int = 4,
     step_size: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -900,9 +900,12 @@ def predict_dynamics(
     time_key
         ``obs`` time column (default: the model's).
     method
-        ``"ode"`` (probability flow) or ``"sde"``.
+        ``"sde"`` (default: samples of the modelled process, drift ``v + D * score``) or
+        ``"ode"`` (probability flow: one deterministic path per start cell; the default
+        before, ``n_particles=1``).
     n_particles
-        Particles per start cell (useful with ``"sde"``).
+        Particles per start cell (default 4; SDE draws sample the predicted distribution
+        beyond one point per start cell, see ``docs/dynamics.md``).
     step_size
         Integration step (default: the model's).
     seed
