@@ -128,9 +128,12 @@ class PeakRSS:
         }
 
 
-def run_child(script: Path, spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """Run ``script --child JSON`` in a fresh interpreter and return its RESULT dict."""
-    cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
+def run_child(
+    script: Path, spec: dict[str, Any], timeout: float = 3600, python: str | None = None
+) -> dict[str, Any]:
+    """Run ``script --child JSON`` in a fresh interpreter (``python``, default this one) and
+    return its RESULT dict."""
+    cmd = [python or sys.executable, str(script), "--child", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:

@@ -181,6 +181,9 @@ def child(spec: dict[str, Any]) -> None:
     emit(out)
 
 
+CHRONOTOPE_PY: str | None = None  # --chronotope-python
+
+
 def run_chronotope(path: Path, k: int, seed: int, labels_key: str | None, threads: int):
     spec = {
         "input": str(path),
@@ -189,7 +192,7 @@ def run_chronotope(path: Path, k: int, seed: int, labels_key: str | None, thread
         "labels_key": labels_key,
         "threads": threads,
     }
-    return run_child(HERE, spec, timeout=3600)
+    return run_child(HERE, spec, timeout=3600, python=CHRONOTOPE_PY)
 
 
 def graphst_import_rss(py: str) -> float:
@@ -371,7 +374,16 @@ def main() -> None:
         "slice and seed on 2 CPU cores)",
     )
     add_device_argument(ap)
+    ap.add_argument(
+        "--chronotope-python",
+        default=None,
+        help="Python that runs the chronotope children (default: this one); e.g. an "
+        "environment with chronotope's base install only, whose imports match GraphST's "
+        "(anndata imports dask.array and xarray at import time when they are installed)",
+    )
     args = ap.parse_args()
+    global CHRONOTOPE_PY
+    CHRONOTOPE_PY = args.chronotope_python
     if args.child:
         child(json.loads(args.child))
         return

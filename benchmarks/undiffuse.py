@@ -6,6 +6,8 @@ Run (each part separately keeps runs short on a shared machine)::
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py truth --data dlpfc --genes 1000
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py reference --genes 1000
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py real
+    OMP_NUM_THREADS=1 python benchmarks/undiffuse.py modules --data mouse_brain --genes 100
+    OMP_NUM_THREADS=1 python benchmarks/undiffuse.py tissue
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 50000 --genes 2000
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 500000 --genes 200
 
@@ -341,6 +343,143 @@ def run_reference(args) -> None:
         )
 
 
+def run_modules(args) -> None:
+    """Two gene groups diffusing with different sigma: one global sigma vs sigma modules."""
+    from anndata import AnnData
+
+    import chronotope as ct
+    from chronotope.undiffuse.metrics import gap_closure, per_gene_rmse
+
+    truth_ad = truth_dlpfc(args.genes) if args.data == "dlpfc" else truth_mouse_brain(args.genes)
+    truth = truth_ad.X.toarray().astype(np.float64)
+    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
+    g = truth.shape[1]
+    if args.split == "random":
+        group = np.random.default_rng(0).permutation(np.arange(g) % 2)
+    else:  # two spatial co-expression modules of the truth itself
+        from chronotope.undiffuse.modules import gene_modules
+
+        group = gene_modules(truth_ad.X, np.asarray(truth_ad.obsm["spatial"]), 2)
+    p = SETTINGS["realistic"]
+    cases = {
+        f"two_sigma_{args.split}": (2.0, 4.0),
+        "single_sigma": (p["sigma"], p["sigma"]),
+    }
+    for case, sig in cases.items():
+        parts = []
+        for k in (0, 1):
+            cols = np.flatnonzero(group == k)
+            sim_k = ct.tl.simulate_diffusion(
+                truth_ad[:, cols].copy(),
+                sig[k],
+                p["bleed"],
+                background=p["background"],
+                seed=1 + k,
+            )
+            parts.append((cols, sim_k))
+        x = sp.lil_matrix(truth.shape, dtype=np.float32)
+        for cols, sim_k in parts:
+            x[:, cols] = sim_k.X
+        sim = AnnData(sp.csr_matrix(x), obs=parts[0][1].obs.copy(), var=truth_ad.var.copy())
+        sim.obsm["spatial"] = parts[0][1].obsm["spatial"]
+        raw = sim.X.toarray().astype(np.float64)
+        rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+        print(
+            f"## modules {args.data} {case}: group sizes {np.bincount(group).tolist()}, sigma "
+            f"{sig}, bleed {p['bleed']}, background {p['background']}"
+        )
+        for sm in (None, 2):
+            with PeakRSS() as m:
+                out = ct.tl.undiffuse(
+                    sim, copy=True, diagnostics=False, sigma_modules=sm, **LIB
+                )
+            u = out.uns["undiffused"]
+            gc = gap_closure(per_gene_rmse(out.layers["undiffused"].toarray(), truth), rr, rf)
+            by = "  ".join(
+                f"group{k}(sigma {sig[k]:g}) {np.nanmedian(gc[group == k]):.3f}" for k in (0, 1)
+            )
+            extra = ""
+            if sm is not None:
+                mo = u["modules"]
+                lab = out.var["undiffused_module"].to_numpy()
+                agree = max(np.mean(lab == group), np.mean(lab != group))
+                extra = (
+                    f"  module_sigma {np.round(mo['sigma'], 3).tolist()} multipliers "
+                    f"{np.round(mo['multiplier'], 3).tolist()} module/group agreement {agree:.3f}"
+                )
+            print(
+                f"{'global_sigma' if sm is None else 'sigma_modules=2':<16} gap_closure_median "
+                f"{np.nanmedian(gc):.3f}  {by}  sigma {u['sigma']:.3f}  time_s {m.wall:.1f}"
+                f"{extra}"
+            )
+
+
+def run_tissue(args) -> None:
+    """No in-tissue flag: H&E mask and learned count cut on the real raw mouse brain;
+    the realistic simulation corrected without its mask (off-tissue mass cut)."""
+    import chronotope as ct
+    from chronotope.undiffuse.metrics import gap_closure, per_gene_rmse
+
+    ad = ct.datasets.mouse_brain_raw(load_image=True)
+    flag = ad.obs["in_tissue"].to_numpy().astype(bool)
+    x = sp.csr_matrix(ad.X)
+    before = x[~flag].sum() / x.sum()
+    for how, kw in (
+        ("obs_in_tissue", {"tissue_key": "in_tissue"}),
+        ("he_image", {"tissue_key": None, "tissue_method": "image"}),
+        ("learned_count_cut", {"tissue_key": None, "tissue_method": "counts"}),
+    ):
+        with PeakRSS() as m:
+            out = ct.tl.undiffuse(ad, copy=True, **kw, **LIB)
+        u = out.uns["undiffused"]
+        mask = out.obs["undiffuse_tissue"].to_numpy() if how != "obs_in_tissue" else flag
+        lay = out.layers["undiffused"]
+        after = lay[~flag].sum() / lay.sum()
+        d = u["diagnostics"]
+        ssim = ""
+        if "ssim_image_corrected" in d and d["ssim_image_corrected"] is not None:
+            ssim = (
+                f"  SSIM(image, log1p totals) raw {d['ssim_image_raw']:.3f} -> corrected "
+                f"{d['ssim_image_corrected']:.3f}"
+            )
+        print(
+            f"tissue real mouse_brain_raw {how:<18} mask agreement with obs in_tissue "
+            f"{np.mean(mask == flag):.4f} ({int(mask.sum())} vs {int(flag.sum())} spots)  "
+            f"UMI fraction outside obs in_tissue {before:.4f} -> {after:.4f}  sigma "
+            f"{u['sigma']:.3f} bleed {u['bleed']:.3f} background {u['background']:.3f}  "
+            f"time_s {m.wall:.1f}{ssim}"
+        )
+    truth_ad = truth_mouse_brain(args.genes)
+    tis = truth_ad.obs["in_tissue"].to_numpy().astype(bool)
+    truth = truth_ad.X.toarray().astype(np.float64)
+    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
+    p = SETTINGS["realistic"]
+    sim = ct.tl.simulate_diffusion(
+        truth_ad, p["sigma"], p["bleed"], background=p["background"], seed=1
+    )
+    raw = sim.X.toarray().astype(np.float64)
+    rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+    off_raw = raw[~tis].sum() / raw.sum()
+    for how, kw in (
+        ("mask_given", {"tissue_key": "in_tissue"}),
+        ("no_mask_learned_cut", {"tissue_key": None, "tissue_method": "counts"}),
+    ):
+        with PeakRSS() as m:
+            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, **kw, **LIB)
+        u = out.uns["undiffused"]
+        est = out.layers["undiffused"].toarray()
+        gc = gap_closure(per_gene_rmse(est, truth), rr, rf)
+        off = est[~tis].sum() / est.sum()
+        mask = out.obs["undiffuse_tissue"].to_numpy() if "tissue" in u else tis
+        print(
+            f"tissue sim mouse_brain realistic {how:<20} gap_closure_median "
+            f"{np.nanmedian(gc):.3f}  off_tissue_mass {off_raw:.4f} -> {off:.4f} (cut "
+            f"{100 * (1 - off / off_raw):.1f} %)  mask agreement {np.mean(mask == tis):.4f}  "
+            f"sigma {u['sigma']:.3f} bleed {u['bleed']:.3f} background {u['background']:.3f}  "
+            f"time_s {m.wall:.1f}"
+        )
+
+
 def run_real(args) -> None:
     import chronotope as ct
 
@@ -412,9 +551,65 @@ def run_scale(args) -> None:
     )
 
 
+def run_scale_tiled(args) -> None:
+    """Scale on tiles of the real DLPFC 151673 array (layers stay contiguous in a tile).
+
+    The full 4,992-barcode array with its real tissue counts (zero outside) is repeated
+    on a grid of tiles until ``--spots`` is reached, then diffused by the forward model
+    (sigma 2, bleed 0.3, background 0.1) and Poisson-sampled: spatial structure and
+    out-of-tissue spots as on a real array, so sigma is identifiable.
+    """
+    import chronotope as ct
+
+    one = truth_dlpfc(args.genes)
+    k = max(1, round(args.spots / one.n_obs))
+    tr = int(np.floor(np.sqrt(k)))
+    while k % tr:
+        tr -= 1
+    tc = k // tr
+    h = int(one.obs["array_row"].max()) + 1
+    h += h % 2  # keep the row + col parity of the hex array
+    w = int(one.obs["array_col"].max()) + 1
+    w += w % 2
+    rows, cols, tis, xs = [], [], [], []
+    for a in range(tr):
+        for b in range(tc):
+            rows.append(one.obs["array_row"].to_numpy() + a * h)
+            cols.append(one.obs["array_col"].to_numpy() + b * w)
+            tis.append(one.obs["in_tissue"].to_numpy())
+            xs.append(one.X)
+    from anndata import AnnData
+
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    obs = pd.DataFrame(
+        {"in_tissue": np.concatenate(tis), "array_row": r, "array_col": c},
+        index=[f"s{i}" for i in range(r.size)],
+    )
+    truth = AnnData(sp.vstack(xs, format="csr"), obs=obs, var=one.var.copy())
+    truth.obsm["spatial"] = np.c_[c * 0.5, r * np.sqrt(3) / 2] * 100.0
+    del one, xs
+    sim = ct.tl.simulate_diffusion(truth, 2.0, 0.3, background=0.1, seed=1)
+    del truth
+    ad = AnnData(sim.X, obs=sim.obs, var=sim.var)
+    ad.obsm["spatial"] = sim.obsm["spatial"]
+    del sim
+    kw = {"n_iter": args.n_iter if args.n_iter != "auto" else "auto"}
+    with PeakRSS() as m:
+        ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw, **LIB)
+    u = ad.uns["undiffused"]
+    print(
+        f"scale tiled_dlpfc {tr}x{tc} tiles, {ad.n_obs} spots ({int(ad.obs['in_tissue'].sum())} "
+        f"tissue) x {args.genes} genes (nnz {ad.X.nnz}): time_s {m.wall:.1f} (estimate "
+        f"{u['seconds_estimate']:.1f}, fit {u['seconds_fit']:.1f}), peak_rss_gb "
+        f"{m.peak / 2**30:.2f} (+{m.delta / 2**30:.2f}), rank {args.rank}, n_iter {args.n_iter}, "
+        f"kernel {u['kernel_method']}, sigma {u['sigma']:.2f} (true 2), bleed {u['bleed']:.3f} "
+        f"(0.3), background {u['background']:.3f} (0.1), cpu_s {m.cpu:.1f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["truth", "reference", "real", "scale"])
+    ap.add_argument("part", choices=["truth", "reference", "real", "scale", "modules", "tissue"])
     ap.add_argument("--data", choices=["dlpfc", "mouse_brain"], default="mouse_brain")
     ap.add_argument("--genes", type=int, default=100)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -431,6 +626,10 @@ def main() -> None:
         default="none",
         help="where the gene batches run: none, local:N or a Dask scheduler address",
     )
+    ap.add_argument("--split", choices=["coexpression", "random"], default="coexpression")
+    ap.add_argument(
+        "--layout", choices=["tiled", "random"], default="tiled", help="scale: tissue layout"
+    )
     args = ap.parse_args()
     sched = None if args.scheduler == "none" else args.scheduler
     LIB.update(device=args.device, scheduler=sched)
@@ -441,9 +640,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    {"truth": run_truth, "reference": run_reference, "real": run_real, "scale": run_scale}[
-        args.part
-    ](args)
+    parts = {"truth": run_truth, "reference": run_reference, "real": run_real}
+    parts.update(scale=run_scale, modules=run_modules, tissue=run_tissue)
+    if args.part == "scale" and args.layout == "tiled" and args.lattice == "hex":
+        parts["scale"] = run_scale_tiled
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

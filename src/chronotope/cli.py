@@ -513,12 +513,19 @@ def undiffuse(
     rank: Annotated[int, typer.Option(help="Free components of the low-rank model.")] = 30,
     kernel: Annotated[str, typer.Option(help="Kernel profile: gaussian or student.")] = "gaussian",
     tissue_key: Annotated[
-        str, typer.Option(help="obs column of the in-tissue flag.")
+        str,
+        typer.Option(
+            help="obs column of the in-tissue flag; 'none': estimate the tissue (H&E image "
+            "in uns['spatial'], else a learned cut on total counts)."
+        ),
     ] = "in_tissue",
     spatial_key: Annotated[str, typer.Option(help="obsm key of the coordinates.")] = "spatial",
     round_counts: Annotated[
         bool, typer.Option("--round", help="Round to integers that keep each gene's total.")
     ] = False,
+    sigma_modules: Annotated[
+        int, typer.Option(help="Gene modules with their own sigma multiplier (0: one sigma).")
+    ] = 0,
     figures: Annotated[
         Path | None, typer.Option(help="Folder for undiffuse.png and out_of_tissue.png.")
     ] = None,
@@ -544,7 +551,7 @@ def undiffuse(
     ct.tl.undiffuse(
         adata,
         spatial_key=spatial_key,
-        tissue_key=tissue_key,
+        tissue_key=None if tissue_key.lower() == "none" else tissue_key,
         kernel=kernel,  # type: ignore[arg-type]
         sigma=_num(sigma, "sigma"),
         bleed=_num(bleed, "bleed"),
@@ -557,6 +564,7 @@ def undiffuse(
         device=device,
         scheduler=_scheduler(scheduler),
         progress=show_progress(),
+        sigma_modules=sigma_modules or None,
     )
     write_output(adata, out)
     if figures is not None:
@@ -565,7 +573,8 @@ def undiffuse(
         matplotlib.use("Agg")
         figures.mkdir(parents=True, exist_ok=True)
         ct.pl.undiffuse(adata, spatial_key=spatial_key).savefig(figures / "undiffuse.png", dpi=120)
-        ct.pl.out_of_tissue(adata, spatial_key=spatial_key).savefig(
+        tkey = "undiffuse_tissue" if "undiffuse_tissue" in adata.obs else tissue_key
+        ct.pl.out_of_tissue(adata, spatial_key=spatial_key, tissue_key=tkey).savefig(
             figures / "out_of_tissue.png", dpi=120
         )
     if _state["verbosity"] >= 0:

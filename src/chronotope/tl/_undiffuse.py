@@ -15,7 +15,12 @@ from anndata import AnnData
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope._validate import check_coordinates, check_counts, get_obsm
-from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler
+from chronotope.parallel import (
+    Scheduler,
+    check_scheduler,
+    describe_scheduler,
+    scheduler_client,
+)
 
 __all__ = ["simulate_diffusion", "undiffuse"]
 
@@ -44,7 +49,7 @@ def _tissue(adata: AnnData, tissue_key: str | None) -> np.ndarray:
     if tissue_key not in adata.obs:
         raise ChronotopeInputError(
             f"adata.obs[{tissue_key!r}] not found: give the in-tissue flag of every spot (0/1), "
-            "or tissue_key=None to treat every spot as tissue"
+            "or tissue_key=None to estimate the tissue (H&E image or a learned count cut)"
         )
     col = adata.obs[tissue_key]
     vals = col.to_numpy()
@@ -163,6 +168,8 @@ def undiffuse(
     progress: bool = False,
     key_added: str = "undiffused",
     copy: bool = False,
+    sigma_modules: int | None = None,
+    tissue_method: Literal["auto", "image", "counts", "all"] = "auto",
 ) -> AnnData | None:
     """Undo lateral mRNA diffusion: maximum-likelihood sources of the observed counts.
 
@@ -185,8 +192,9 @@ def undiffuse(
         ``obsm`` key of the coordinates. Visium ``obs["array_row"]`` / ``["array_col"]``
         or a square grid of coordinates enable the FFT kernel.
     tissue_key
-        ``obs`` column with the in-tissue flag (0/1); ``None``: every spot is tissue
-        (then give the parameters: they are weakly identified without background spots).
+        ``obs`` column with the in-tissue flag (0/1); ``None``: the tissue is estimated
+        (``tissue_method``) and written to ``obs["undiffuse_tissue"]`` (and its
+        probability to ``obs["undiffuse_tissue_prob"]``).
     kernel
         Kernel profile: ``"gaussian"`` (diffusion) or ``"student"`` (heavy tails).
     kernel_method
@@ -235,6 +243,21 @@ def undiffuse(
         Name of the layer and of the ``uns`` entry.
     copy
         Return a modified copy instead of writing in place.
+    sigma_modules
+        ``None``: one ``sigma`` for all genes. An int ``k``: cluster the genes into ``k``
+        modules by spatial co-expression, estimate a multiplier on ``sigma`` (and
+        ``bleed``, ``background`` unless given) per module by profile likelihood on the
+        module's summed counts, and correct each module with its own parameters
+        (:mod:`chronotope.undiffuse.modules`). Writes ``var[f"{key_added}_module"]`` and
+        ``uns[key_added]["modules"]``.
+    tissue_method
+        Without ``tissue_key``: ``"auto"`` (the H&E image of ``uns["spatial"]`` when there
+        is one, else ``"counts"``), ``"image"`` (saturation of the image over each spot,
+        Otsu cut), ``"counts"`` (a cut on log total counts learned by gradient through
+        the forward model's likelihood, :mod:`chronotope.undiffuse.tissue`) or
+        ``"all"`` (every spot may hold sources; the parameters are then weakly
+        identified: give them). With the image, ``uns[key_added]["diagnostics"]`` holds
+        the SSIM of the image density and the corrected totals (needs kornia).
 
     Returns
     -------
@@ -272,6 +295,8 @@ def undiffuse(
         "reference_key": reference_key,
         "round_counts": round_counts,
         "seed": seed,
+        "sigma_modules": sigma_modules,
+        "tissue_method": tissue_method if tissue_key is None else None,
         "scheduler": describe_scheduler(scheduler),
     }
     if kernel not in ("gaussian", "student"):
@@ -287,8 +312,24 @@ def undiffuse(
     if s_fix is not None and s_fix <= 0:
         raise ChronotopeInputError("sigma must be > 0")
     x, _where = _counts(adata, layer)
-    tis = _tissue(adata, tissue_key)
+    tis = _tissue(adata, tissue_key) if tissue_key is not None else None
     coords, spacing, lattice = _geometry(adata, spatial_key, kernel_method)
+    tissue_info = None
+    if tis is None:
+        from chronotope.tl._undiffuse_tissue import estimate_tissue
+
+        tis, tissue_info = estimate_tissue(
+            adata,
+            x,
+            coords,
+            lattice,
+            tissue_method=tissue_method,
+            spatial_key=spatial_key,
+            kernel=kernel,
+            kernel_method=kernel_method,
+            fixed=(s_fix, b_fix, g_fix),
+            device=device,
+        )
     if genes is None:
         gmask = np.ones(adata.n_vars, dtype=bool)
     else:
@@ -338,7 +379,39 @@ def undiffuse(
     op = DiffusionOperator(k, tis, est.bleed, est.background)
     xg = sp.csr_matrix(x[:, np.flatnonzero(gmask)])
     t_fit = time.perf_counter()
-    if method == "lowrank":
+    if sigma_modules is not None:
+        from chronotope.tl._undiffuse_modules import fit_by_module
+
+        # one cluster for all modules (each module's correction runs on it)
+        with scheduler_client(scheduler) as client:
+            z, n_it, frac, trace, htrace, extra = fit_by_module(
+                adata,
+                xg,
+                tis,
+                coords,
+                lattice,
+                est,
+                sigma_modules,
+                var_names=adata.var_names[gmask],
+                spatial_key=spatial_key,
+                kernel=kernel,
+                kernel_method=kernel_method,
+                fixed=(b_fix, g_fix),
+                sub_kwargs={
+                    "n_iter": n_iter,
+                    "method": method,
+                    "rank": rank,
+                    "refine": refine,
+                    "reference": reference,
+                    "reference_key": reference_key,
+                    "memory_gb": memory_gb,
+                    "progress": progress,
+                    "scheduler": client,
+                },
+                device=dev,
+                seed=seed,
+            )
+    elif method == "lowrank":
         res = lowrank_deconvolve(
             xg,
             op,
@@ -414,6 +487,14 @@ def undiffuse(
     ncol = np.zeros(adata.n_vars)
     ncol[gmask] = n_it
     adata.var[f"{key_added}_n_iter"] = ncol
+    if tissue_info is not None:
+        adata.obs["undiffuse_tissue"] = tis
+        if "prob" in tissue_info:
+            adata.obs["undiffuse_tissue_prob"] = tissue_info.pop("prob").astype(np.float32)
+    if "module_labels" in extra:
+        mcol = np.full(adata.n_vars, -1, dtype=np.int64)
+        mcol[gmask] = extra.pop("module_labels")
+        adata.var[f"{key_added}_module"] = mcol
     info: dict[str, Any] = {
         "params": {k_: ("auto" if v is None else v) for k_, v in params.items()},
         "sigma": est.sigma,
@@ -435,8 +516,19 @@ def undiffuse(
         "seconds_fit": t_fit,
         **extra,
     }
+    if tissue_info is not None:
+        info["tissue"] = tissue_info
     if diagnostics:
         info["diagnostics"] = _diagnostics(adata, x, out, tis, gmask, spatial_key)
+        if tissue_info is not None and "saturation" in tissue_info:
+            from chronotope.tl._undiffuse_tissue import ssim_diagnostic
+
+            info["diagnostics"]["ssim_image_corrected"] = ssim_diagnostic(
+                tissue_info["saturation"], np.asarray(out.sum(axis=1)).ravel(), lattice
+            )
+            info["diagnostics"]["ssim_image_raw"] = ssim_diagnostic(
+                tissue_info["saturation"], np.asarray(x.sum(axis=1)).ravel(), lattice
+            )
     info["seconds"] = time.perf_counter() - t0
     adata.uns[key_added] = info
     logger.info(
