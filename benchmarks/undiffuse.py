@@ -390,7 +390,9 @@ def run_modules(args) -> None:
         )
         for sm in (None, 2):
             with PeakRSS() as m:
-                out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, sigma_modules=sm)
+                out = ct.tl.undiffuse(
+                    sim, copy=True, diagnostics=False, sigma_modules=sm, **LIB
+                )
             u = out.uns["undiffused"]
             gc = gap_closure(per_gene_rmse(out.layers["undiffused"].toarray(), truth), rr, rf)
             by = "  ".join(
@@ -428,7 +430,7 @@ def run_tissue(args) -> None:
         ("learned_count_cut", {"tissue_key": None, "tissue_method": "counts"}),
     ):
         with PeakRSS() as m:
-            out = ct.tl.undiffuse(ad, copy=True, **kw)
+            out = ct.tl.undiffuse(ad, copy=True, **kw, **LIB)
         u = out.uns["undiffused"]
         mask = out.obs["undiffuse_tissue"].to_numpy() if how != "obs_in_tissue" else flag
         lay = out.layers["undiffused"]
@@ -463,7 +465,7 @@ def run_tissue(args) -> None:
         ("no_mask_learned_cut", {"tissue_key": None, "tissue_method": "counts"}),
     ):
         with PeakRSS() as m:
-            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, **kw)
+            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, **kw, **LIB)
         u = out.uns["undiffused"]
         est = out.layers["undiffused"].toarray()
         gc = gap_closure(per_gene_rmse(est, truth), rr, rf)
@@ -593,7 +595,7 @@ def run_scale_tiled(args) -> None:
     del sim
     kw = {"n_iter": args.n_iter if args.n_iter != "auto" else "auto"}
     with PeakRSS() as m:
-        ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw)
+        ct.tl.undiffuse(ad, rank=args.rank, diagnostics=False, **kw, **LIB)
     u = ad.uns["undiffused"]
     print(
         f"scale tiled_dlpfc {tr}x{tc} tiles, {ad.n_obs} spots ({int(ad.obs['in_tissue'].sum())} "
@@ -618,15 +620,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=30)
     ap.add_argument("--n-iter", default="auto")
     ap.add_argument("--fixed", action="store_true", help="scale: give the parameters")
-    ap.add_argument("--split", choices=["coexpression", "random"], default="coexpression")
-    ap.add_argument(
-        "--layout", choices=["tiled", "random"], default="tiled", help="scale: tissue layout"
-    )
     add_device_argument(ap)
     ap.add_argument(
         "--scheduler",
         default="none",
         help="where the gene batches run: none, local:N or a Dask scheduler address",
+    )
+    ap.add_argument("--split", choices=["coexpression", "random"], default="coexpression")
+    ap.add_argument(
+        "--layout", choices=["tiled", "random"], default="tiled", help="scale: tissue layout"
     )
     args = ap.parse_args()
     sched = None if args.scheduler == "none" else args.scheduler

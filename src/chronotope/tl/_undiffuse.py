@@ -15,7 +15,12 @@ from anndata import AnnData
 from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope._validate import check_coordinates, check_counts, get_obsm
-from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler
+from chronotope.parallel import (
+    Scheduler,
+    check_scheduler,
+    describe_scheduler,
+    scheduler_client,
+)
 
 __all__ = ["simulate_diffusion", "undiffuse"]
 
@@ -377,32 +382,35 @@ def undiffuse(
     if sigma_modules is not None:
         from chronotope.tl._undiffuse_modules import fit_by_module
 
-        z, n_it, frac, trace, htrace, extra = fit_by_module(
-            adata,
-            xg,
-            tis,
-            coords,
-            lattice,
-            est,
-            sigma_modules,
-            var_names=adata.var_names[gmask],
-            spatial_key=spatial_key,
-            kernel=kernel,
-            kernel_method=kernel_method,
-            fixed=(b_fix, g_fix),
-            sub_kwargs={
-                "n_iter": n_iter,
-                "method": method,
-                "rank": rank,
-                "refine": refine,
-                "reference": reference,
-                "reference_key": reference_key,
-                "memory_gb": memory_gb,
-                "progress": progress,
-            },
-            device=dev,
-            seed=seed,
-        )
+        # one cluster for all modules (each module's correction runs on it)
+        with scheduler_client(scheduler) as client:
+            z, n_it, frac, trace, htrace, extra = fit_by_module(
+                adata,
+                xg,
+                tis,
+                coords,
+                lattice,
+                est,
+                sigma_modules,
+                var_names=adata.var_names[gmask],
+                spatial_key=spatial_key,
+                kernel=kernel,
+                kernel_method=kernel_method,
+                fixed=(b_fix, g_fix),
+                sub_kwargs={
+                    "n_iter": n_iter,
+                    "method": method,
+                    "rank": rank,
+                    "refine": refine,
+                    "reference": reference,
+                    "reference_key": reference_key,
+                    "memory_gb": memory_gb,
+                    "progress": progress,
+                    "scheduler": client,
+                },
+                device=dev,
+                seed=seed,
+            )
     elif method == "lowrank":
         res = lowrank_deconvolve(
             xg,
