@@ -69,8 +69,9 @@ def _rank(rank: int, world: int, port: int, what: str, args: tuple, kwargs: dict
 
 def _two_processes(what: str, *args: object, **kwargs: object) -> None:
     """Run a trainer as 2 gloo ranks (torchrun's environment contract: RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), forked so that the ranks skip the imports."""
-    ctx = mp.get_context("fork")
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), started with "spawn": forking a process whose
+    OpenMP / gloo state earlier tests initialised can deadlock the ranks."""
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank, args=(r, 2, port, what, args, kwargs, q)) for r in range(2)]
