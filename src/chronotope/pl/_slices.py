@@ -118,12 +118,12 @@ def interpolation(
 
     def values(name: str, a: AnnData) -> np.ndarray:
         x = a[:, genes].X
-        e = np.asarray(x.toarray() if sp.issparse(x) else x) if name == "generated" else None
-        if e is None:
-            e = _log_normalised(x).toarray()
-        if color is not None:
-            return e[:, list(genes).index(color)]
-        return e
+        if name != "generated":
+            x = _log_normalised(x)  # row totals over the shared genes, kept sparse
+        if color is not None:  # densify the one gene drawn, not the slice
+            x = x[:, list(genes).index(color)]
+        e = np.asarray(x.toarray() if sp.issparse(x) else x)
+        return e.ravel() if color is not None else e
 
     mats = [values(n, a) for n, a in panels]
     if color is None:
