@@ -532,6 +532,14 @@ def undiffuse(
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the thinning and initialisation.")] = 0,
     scheduler: Annotated[str, typer.Option(help=_SCHEDULER_HELP)] = "none",
+    image_prior: Annotated[
+        str,
+        typer.Option(
+            help="H&E image of uns['spatial'] as a prior on spot total densities: 'auto' "
+            "(strength by held-out likelihood when there is an image, else off), 'on' "
+            "(the same, image required), 'off', or a strength >= 1."
+        ),
+    ] = "auto",
 ) -> None:
     """Undo lateral mRNA diffusion; writes layers['undiffused'] (same spots and genes)."""
     import chronotope as ct
@@ -547,9 +555,21 @@ def undiffuse(
         except ValueError:
             raise _CommandError(f"--{name} must be a number or 'auto', got {v!r}") from None
 
+    ip = image_prior.strip().lower()
+    prior_arg: bool | float | str
+    if ip in ("auto", "on", "true", "off", "false"):
+        prior_arg = {"auto": "auto", "on": True, "true": True}.get(ip, False)
+    else:
+        try:
+            prior_arg = float(ip)
+        except ValueError:
+            raise _CommandError(
+                f"--image-prior must be auto, on, off or a number, got {image_prior!r}"
+            ) from None
     adata = read_input(data)
     ct.tl.undiffuse(
         adata,
+        image_prior=prior_arg,
         spatial_key=spatial_key,
         tissue_key=None if tissue_key.lower() == "none" else tissue_key,
         kernel=kernel,  # type: ignore[arg-type]

@@ -170,6 +170,7 @@ def undiffuse(
     copy: bool = False,
     sigma_modules: int | None = None,
     tissue_method: Literal["auto", "image", "counts", "all"] = "auto",
+    image_prior: bool | float | str = "auto",
 ) -> AnnData | None:
     """Undo lateral mRNA diffusion: maximum-likelihood sources of the observed counts.
 
@@ -258,6 +259,21 @@ def undiffuse(
         ``"all"`` (every spot may hold sources; the parameters are then weakly
         identified: give them). With the image, ``uns[key_added]["diagnostics"]`` holds
         the SSIM of the image density and the corrected totals (needs kornia).
+    image_prior
+        The H&E image of ``uns["spatial"][library]["images"]`` (the lookup of
+        ``tissue_method="image"``) as a Gamma prior on each spot's *total* source
+        density over the corrected genes (not per gene), its mean an affine-in-log
+        function of the spot's hematoxylin / eosin optical density and saturation,
+        fitted inside the EM (:mod:`chronotope.undiffuse.prior`). ``"auto"``: with an
+        image, the strength is chosen by held-out likelihood of binomially thinned
+        total counts among no prior and a grid (no prior wins when the image does not
+        predict the density); without an image, off. ``True``: the same selection,
+        but an image is required. A number ``>= 1``: that strength (Gamma shape; the
+        squared inverse coefficient of variation of the densities around the image's
+        prediction). ``False`` or ``0``: off. Needs ``method="lowrank"`` and no
+        ``sigma_modules`` (``"auto"`` is then off). The choice is in
+        ``uns[key_added]["params"]["image_prior_alpha"]`` (0: off) and the details in
+        ``uns[key_added]["image_prior"]``.
 
     Returns
     -------
@@ -298,6 +314,7 @@ def undiffuse(
         "sigma_modules": sigma_modules,
         "tissue_method": tissue_method if tissue_key is None else None,
         "scheduler": describe_scheduler(scheduler),
+        "image_prior": image_prior,
     }
     if kernel not in ("gaussian", "student"):
         raise ChronotopeInputError(f"kernel must be 'gaussian' or 'student', got {kernel!r}")
@@ -306,6 +323,23 @@ def undiffuse(
     if kernel_method not in ("auto", "fft", "sparse"):
         raise ChronotopeInputError(f"kernel_method must be auto, fft or sparse: {kernel_method!r}")
     check_scheduler(scheduler)
+    prior_mode, prior_alpha = _image_prior_arg(image_prior)
+    prior_reason = None
+    if prior_mode != "off" and (method != "lowrank" or sigma_modules is not None):
+        what = "sigma_modules" if sigma_modules is not None else f"method={method!r}"
+        if prior_mode == "auto":
+            prior_mode, prior_reason = "off", f"not available with {what}"
+        else:
+            raise ChronotopeInputError(
+                f"image_prior needs method='lowrank' without sigma_modules (got {what})"
+            )
+    prior_img = None
+    if prior_mode != "off":
+        from chronotope.tl._undiffuse_tissue import prior_image
+
+        prior_img, why = prior_image(adata, spatial_key, required=prior_mode != "auto")
+        if prior_img is None:
+            prior_mode, prior_reason = "off", why
     s_fix = _param(sigma, "sigma", 1e-3, 1e3)
     b_fix = _param(bleed, "bleed", 0.0, 1.0)
     g_fix = _param(background, "background", 0.0, 1.0)
@@ -378,6 +412,10 @@ def undiffuse(
     )
     op = DiffusionOperator(k, tis, est.bleed, est.background)
     xg = sp.csr_matrix(x[:, np.flatnonzero(gmask)])
+    prior, prior_info = _build_prior(
+        prior_mode, prior_alpha, prior_img, xg, op, tis, seed, prior_reason
+    )
+    params["image_prior_alpha"] = prior_info["alpha"]
     t_fit = time.perf_counter()
     if sigma_modules is not None:
         from chronotope.tl._undiffuse_modules import fit_by_module
@@ -407,6 +445,7 @@ def undiffuse(
                     "memory_gb": memory_gb,
                     "progress": progress,
                     "scheduler": client,
+                    "image_prior": False,
                 },
                 device=dev,
                 seed=seed,
@@ -420,6 +459,7 @@ def undiffuse(
             n_iter=n_iter,
             seed=seed,
             progress=progress,
+            prior=prior,
         )
         z = res.sources()
         n_it = np.full(xg.shape[1], res.n_iter, dtype=np.float64)
@@ -435,6 +475,7 @@ def undiffuse(
                 memory_gb=memory_gb,
                 scheduler=scheduler,
                 progress=progress,
+                prior_factor=res.prior_factor,
             )
             if res.gene_scale is not None:  # RL keeps totals; undo the low-rank rescale drift
                 tot = z.sum(axis=0)
@@ -518,6 +559,9 @@ def undiffuse(
     }
     if tissue_info is not None:
         info["tissue"] = tissue_info
+    if method == "lowrank" and sigma_modules is None and res.prior_coef is not None:
+        prior_info["coef_final"] = np.asarray(res.prior_coef, dtype=np.float64)
+    info["image_prior"] = prior_info
     if diagnostics:
         info["diagnostics"] = _diagnostics(adata, x, out, tis, gmask, spatial_key)
         if tissue_info is not None and "saturation" in tissue_info:
@@ -535,6 +579,74 @@ def undiffuse(
         "undiffuse: %d genes x %d spots in %.1f s", gmask.sum(), adata.n_obs, info["seconds"]
     )
     return adata if copy else None
+
+
+def _image_prior_arg(value: bool | float | str) -> tuple[str, float]:
+    """``("off" | "auto" | "select" | "fixed", alpha)`` from ``image_prior``."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ChronotopeInputError(
+                f"image_prior must be True, False, 'auto' or a strength >= 1, got {value!r}"
+            )
+        return "auto", 0.0
+    if isinstance(value, (bool, np.bool_)):
+        return ("select", 0.0) if value else ("off", 0.0)
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise ChronotopeInputError(
+            f"image_prior must be True, False, 'auto' or a strength >= 1, got {value!r}"
+        ) from None
+    if a == 0.0:
+        return "off", 0.0
+    if not np.isfinite(a) or a < 1.0:
+        raise ChronotopeInputError(
+            f"image_prior strength must be 0 (off) or >= 1 (a Gamma shape), got {value!r}"
+        )
+    return "fixed", a
+
+
+def _build_prior(
+    mode: str,
+    alpha: float,
+    img: tuple | None,
+    xg: sp.csr_matrix,
+    op: Any,
+    tis: np.ndarray,
+    seed: int,
+    reason: str | None,
+) -> tuple[Any, dict[str, Any]]:
+    """The image prior (or ``None``) and what to record in ``uns[key]["image_prior"]``."""
+    from chronotope.undiffuse.prior import GammaImagePrior, image_density, select_strength
+
+    info: dict[str, Any] = {"mode": mode, "alpha": 0.0, "used": False}
+    if mode == "off":
+        info["reason"] = reason or "off"
+        return None, info
+    t0 = time.perf_counter()
+    dens, names = image_density(*img)
+    dens_t = dens[tis]
+    info["features"] = names
+    if mode in ("auto", "select"):
+        sel = select_strength(np.asarray(xg.sum(axis=1)).ravel(), op, dens_t, seed=seed)
+        alpha = sel.alpha
+        info.update(
+            grid_alpha=sel.alphas,
+            grid_heldout=sel.heldout,
+            grid_n_iter=sel.n_iter,
+            heldout_gain=sel.gain,
+            coef_totals=sel.coef,
+            correlation_totals=sel.correlation,
+        )
+        if alpha == 0:
+            info["reason"] = "held-out likelihood chose no prior"
+    info["alpha"] = float(alpha)
+    info["seconds"] = time.perf_counter() - t0
+    if alpha <= 0:
+        return None, info
+    info["used"] = True
+    logger.info("undiffuse: image prior on spot totals, strength %.3g", alpha)
+    return GammaImagePrior.from_density(dens_t, alpha), info
 
 
 def _diagnostics(

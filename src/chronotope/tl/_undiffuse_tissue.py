@@ -47,6 +47,36 @@ def find_image(adata: AnnData, spatial_key: str) -> tuple[np.ndarray, np.ndarray
     return None
 
 
+def prior_image(
+    adata: AnnData, spatial_key: str, *, required: bool
+) -> tuple[tuple[np.ndarray, np.ndarray, float] | None, str | None]:
+    """The image for ``tl.undiffuse(image_prior=...)``, as :func:`find_image` finds it.
+
+    Returns ``(image, None)``, or ``(None, why)`` when there is none and ``required`` is
+    false; raises a clear error when it is required.
+    """
+    img = find_image(adata, spatial_key)
+    if img is not None:
+        return img, None
+    libs = adata.uns.get("spatial")
+    lib = next(iter(libs.values()), None) if isinstance(libs, dict) and libs else None
+    images = (lib.get("images", {}) or {}) if isinstance(lib, dict) else {}
+    if not any(n in images for n in ("hires", "lowres")):
+        why = (
+            "image_prior needs an H&E image in uns['spatial'][library]['images']['hires' or "
+            "'lowres'] (chronotope.io.read_visium loads it); found none"
+        )
+    else:
+        have = [n for n in ("hires", "lowres") if n in images]
+        why = (
+            f"image_prior needs the scale factor of the {have[0]!r} image: "
+            f"uns['spatial'][library]['scalefactors']['tissue_{have[0]}_scalef'] is missing"
+        )
+    if required:
+        raise ChronotopeInputError(why)
+    return None, why
+
+
 def estimate_tissue(
     adata: AnnData,
     x: sp.csr_matrix,

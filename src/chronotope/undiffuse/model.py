@@ -35,6 +35,7 @@ import torch
 from chronotope._errors import ChronotopeInputError
 from chronotope.parallel import Scheduler, parallel_map
 from chronotope.undiffuse.kernels import Kernel
+from chronotope.undiffuse.prior import GammaImagePrior
 
 __all__ = [
     "DiffusionOperator",
@@ -492,6 +493,8 @@ class LowRankResult:
     half: dict | None = None
     diffusion_fraction: np.ndarray | None = None
     gene_scale: np.ndarray | None = None
+    prior_factor: np.ndarray | None = None
+    prior_coef: np.ndarray | None = None
 
     def sources(self, rows: slice | None = None) -> np.ndarray:
         """Dense sources ``H @ W`` (tissue x G), optionally for a slice of tissue rows.
@@ -563,6 +566,7 @@ def lowrank_deconvolve(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    prior: GammaImagePrior | None = None,
 ) -> LowRankResult:
     """Poisson NMF through the diffusion model: ``X ~ Poisson(A H W)``, all genes at once.
 
@@ -596,6 +600,13 @@ def lowrank_deconvolve(
         Float dtype.
     progress
         tqdm bar over iterations.
+    prior
+        Optional Gamma prior on the per-spot total sources from the H&E image
+        (:mod:`chronotope.undiffuse.prior`): the rows of ``W`` are kept on the simplex
+        (``sum_k H_jk`` is then the spot's total) and every ``H`` step is the MAP
+        M-step (Richardson-Lucy times one factor per spot); its ``theta`` is refitted
+        after each step. The result's ``prior_factor`` (and ``half["prior_factor"]``) is
+        the one-step-late factor for :func:`refine_pergene`.
     """
     xs = sp.csr_matrix(x, dtype=np.float64)
     n, g = xs.shape
@@ -627,12 +638,16 @@ def lowrank_deconvolve(
 
     def fit(
         counts: sp.csr_matrix, iters: int, held: sp.csr_matrix | None
-    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, int, GammaImagePrior | None]:
         c = _SparseCounts(counts, dev, dtype)
         hc = _SparseCounts(held, dev, dtype) if held is not None else None
         h, w = init(float(counts.sum()))
+        pr = None
+        if prior is not None:  # own copy: theta is refitted along this fit
+            pr = GammaImagePrior(prior.alpha, prior.design, np.zeros_like(prior.coef))
+            pr.refit(h.sum(dim=1).double().cpu().numpy())
         trace, htrace = [], []
-        best, best_it, best_state = -math.inf, 0, (h, w)
+        best, best_it, best_state = -math.inf, 0, (h, w, None if pr is None else pr.coef)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -647,10 +662,18 @@ def lowrank_deconvolve(
             if rank > 0:
                 num = c.t_matmul(_ratio(c.vals, rate), ah).T  # r x G
                 upd = num / ah.sum(dim=0).clamp_min(_TINY)[:, None]
-                w = torch.cat([w[:m], w[m:] * upd[m:]], dim=0)
+                wf = w[m:] * upd[m:]
+                if pr is not None:  # W rows on the simplex: sum_k H_jk is the spot total
+                    wf = wf / wf.sum(dim=1, keepdim=True).clamp_min(_TINY)
+                w = torch.cat([w[:m], wf], dim=0)
                 rate = c.rate_at(ah, w).clamp_min(_TINY)
             b = c.matmul(_ratio(c.vals, rate), w.T.contiguous())  # N x r
-            h = h * op.adjoint(b) / w.sum(dim=1).clamp_min(_TINY)[None, :]
+            if pr is None:
+                h = h * op.adjoint(b) / w.sum(dim=1).clamp_min(_TINY)[None, :]
+            else:  # MAP M-step: C_jk times (C_j + alpha - 1) / ((1 + alpha / mu_j) C_j)
+                cjk = h * op.adjoint(b)
+                h = cjk * pr.em_factor(cjk.sum(dim=1))[:, None]
+                pr.refit(h.sum(dim=1).double().cpu().numpy(), n_newton=2)
             if hc is not None:
                 ah = op.forward(h)
                 hr = hc.rate_at(ah, w).clamp_min(_TINY)
@@ -659,7 +682,8 @@ def lowrank_deconvolve(
                 )
                 htrace.append(ll)
                 if ll > best:
-                    best, best_it, best_state = ll, it + 1, (h, w)
+                    best, best_it = ll, it + 1
+                    best_state = (h, w, None if pr is None else pr.coef.copy())
                 elif it + 1 - best_it >= patience:
                     break
             if bar is not None:
@@ -667,8 +691,10 @@ def lowrank_deconvolve(
         if bar is not None:
             bar.close()
         if hc is not None:
-            h, w = best_state
-        return h, w, np.array(trace), np.array(htrace), best_it
+            h, w, coef = best_state
+            if pr is not None:
+                pr.coef = coef
+        return h, w, np.array(trace), np.array(htrace), best_it, pr
 
     held_trace = np.zeros(0)
     half = None
@@ -679,15 +705,17 @@ def lowrank_deconvolve(
         x1.eliminate_zeros()
         x2 = sp.csr_matrix(x2)
         x2.eliminate_zeros()
-        h1, w1, _, held_trace, best_it = fit(x1, max_iter, x2)
+        h1, w1, _, held_trace, best_it, pr1 = fit(x1, max_iter, x2)
         half = {"h": h1.cpu().numpy(), "w": w1.cpu().numpy(), "x1": x1, "x2": x2}
+        if pr1 is not None:
+            half["prior_factor"] = pr1.osl_factor(half["h"].sum(axis=1))
         iters = max(1, best_it)
         logger.info("undiffuse: low-rank held-out optimum at %d iterations", iters)
     elif isinstance(n_iter, (int, np.integer)) and n_iter >= 1:
         iters = int(n_iter)
     else:
         raise ChronotopeInputError(f"n_iter must be 'auto' or a positive integer, got {n_iter!r}")
-    h, w, trace, _, _ = fit(xs, iters, None)
+    h, w, trace, _, _, pr_full = fit(xs, iters, None)
     # E-step share of each spot's molecules that stayed at their own spot
     c = _SparseCounts(xs, dev, dtype)
     ah = op.forward(h)
@@ -713,6 +741,10 @@ def lowrank_deconvolve(
         diffusion_fraction=frac.clamp(0.0, 1.0).cpu().numpy(),
         gene_scale=gene_scale,
         half=half,
+        prior_factor=None
+        if pr_full is None
+        else pr_full.osl_factor(h.sum(dim=1).double().cpu().numpy()),
+        prior_coef=None if pr_full is None else pr_full.coef,
     )
 
 
@@ -724,15 +756,23 @@ def _refine_batch_task(
     max_iter: int,
     patience: int,
     dtype: torch.dtype,
+    factor: np.ndarray | None = None,
+    factor_half: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Per-gene RL of one gene batch for :func:`refine_pergene` (a ``parallel_map`` task).
 
     ``item`` is ``(cols, counts, start sources, (x1, x2) halves or None, half-fit profiles
     of the columns or None, steps or None)``; returns ``(z or None when no step, steps)``.
+    ``factor`` / ``factor_half``: per-tissue-spot one-step-late factors of the image
+    prior for the full and the half fit (``None``: plain RL).
     """
     _cols, xb_np, z0_cols, held, w_cols, k = item
     dev = op.kernel.device
     full = slice(None)
+    f_full = None if factor is None else torch.as_tensor(factor, dtype=dtype, device=dev)[:, None]
+    f_half = None if factor_half is None else torch.as_tensor(factor_half, dtype=dtype, device=dev)
+    if f_half is not None:
+        f_half = f_half[:, None]
     if k is None:
         x1 = _dense_block(held[0], full, dev, dtype)
         x2 = _dense_block(held[1], full, dev, dtype)
@@ -742,6 +782,8 @@ def _refine_batch_task(
         best_it = torch.zeros(z.shape[1], dtype=torch.long, device=dev)
         for it in range(max_iter):
             z = z * op.adjoint(_ratio(x1, op.forward(z)))
+            if f_half is not None:
+                z = z * f_half
             ll = poisson_loglik(x2, op.forward(z))
             better = ll > best
             best = torch.where(better, ll, best)
@@ -756,6 +798,8 @@ def _refine_batch_task(
     kt = torch.as_tensor(k, device=dev)
     for it in range(int(k.max())):
         step = z * op.adjoint(_ratio(xb, op.forward(z)))
+        if f_full is not None:
+            step = step * f_full
         z = torch.where((kt > it)[None, :], step, z)
     return z.cpu().numpy(), k
 
@@ -773,6 +817,7 @@ def refine_pergene(
     dtype: torch.dtype = torch.float32,
     scheduler: Scheduler = None,
     progress: bool = False,
+    prior_factor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene Richardson-Lucy steps started from low-rank sources ``z0`` (tissue x G).
 
@@ -787,6 +832,11 @@ def refine_pergene(
     ``"local:N"``, a Dask address or a ``distributed.Client``, see
     :func:`chronotope.parallel.parallel_map`) says where they run, with the same result;
     ``progress`` shows a bar over batches.
+
+    With the image prior (:mod:`chronotope.undiffuse.prior`), ``prior_factor`` (full
+    fit) and ``half["prior_factor"]`` (half fit) are per-spot one-step-late factors
+    applied after every step: the prior on a spot's total with the other genes' totals
+    held at the low-rank fit (``LowRankResult.prior_factor``).
 
     Returns ``(z, n_iter_per_gene)``.
     """
@@ -818,6 +868,8 @@ def refine_pergene(
             "max_iter": max_iter,
             "patience": patience,
             "dtype": dtype,
+            "factor": prior_factor,
+            "factor_half": None if half is None else half.get("prior_factor"),
         },
         progress=progress,
         desc="undiffuse (refine)",
