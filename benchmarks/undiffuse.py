@@ -8,6 +8,7 @@ Run (each part separately keeps runs short on a shared machine)::
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py real
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py modules --data mouse_brain --genes 100
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py tissue
+    OMP_NUM_THREADS=1 python benchmarks/undiffuse.py image_prior --data mouse_brain --genes 200
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 50000 --genes 2000
     OMP_NUM_THREADS=1 python benchmarks/undiffuse.py scale --spots 500000 --genes 200
 
@@ -249,9 +250,7 @@ def run_truth(args) -> None:
         )
         if args.pergene:
             with PeakRSS() as m:
-                out = ct.tl.undiffuse(
-                    sim, copy=True, diagnostics=False, method="pergene", **LIB
-                )
+                out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, method="pergene", **LIB)
             print(
                 sc(
                     "undiffuse_pergene",
@@ -390,9 +389,7 @@ def run_modules(args) -> None:
         )
         for sm in (None, 2):
             with PeakRSS() as m:
-                out = ct.tl.undiffuse(
-                    sim, copy=True, diagnostics=False, sigma_modules=sm, **LIB
-                )
+                out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, sigma_modules=sm, **LIB)
             u = out.uns["undiffused"]
             gc = gap_closure(per_gene_rmse(out.layers["undiffused"].toarray(), truth), rr, rf)
             by = "  ".join(
@@ -478,6 +475,93 @@ def run_tissue(args) -> None:
             f"sigma {u['sigma']:.3f} bleed {u['bleed']:.3f} background {u['background']:.3f}  "
             f"time_s {m.wall:.1f}"
         )
+
+
+def run_image_prior(args) -> None:
+    """Realistic simulation on real counts with the real H&E image attached: no prior,
+    the image prior ("auto": strength by held-out thinned totals), and a control with
+    the image mirrored left-right (misaligned: it should not be used, or not hurt)."""
+    import chronotope as ct
+    from chronotope.tl._undiffuse_tissue import find_image
+    from chronotope.undiffuse.metrics import gap_closure, per_gene_pearson, per_gene_rmse
+    from chronotope.undiffuse.prior import image_density
+
+    if args.data == "dlpfc":
+        truth_ad = truth_dlpfc(args.genes)
+        spatial = ct.datasets.dlpfc("151673", load_image=True).uns["spatial"]
+    else:
+        truth_ad = truth_mouse_brain(args.genes)
+        spatial = ct.datasets.mouse_brain_raw(load_image=True).uns["spatial"]
+    tis = truth_ad.obs["in_tissue"].to_numpy().astype(bool)
+    truth = truth_ad.X.toarray().astype(np.float64)
+    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
+    p = SETTINGS["realistic"]
+    sim = ct.tl.simulate_diffusion(
+        truth_ad, p["sigma"], p["bleed"], background=p["background"], seed=1
+    )
+    raw = sim.X.toarray().astype(np.float64)
+    rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+    sim.uns["spatial"] = spatial
+    img = find_image(sim, "spatial")
+    dens, names = image_density(*img)
+    tt = truth[tis].sum(axis=1)
+    cors = [np.corrcoef(np.log(dens[tis, k] + 1e-6), np.log1p(tt))[0, 1] for k in range(len(names))]
+    print(
+        f"# image_prior {args.data}: {truth_ad.n_vars} genes, {int(tis.sum())} tissue spots, "
+        f"image {list(img[0].shape)}, spot radius {img[2]:.2f} px; corr(log image density, "
+        f"log1p truth totals) on tissue: "
+        + ", ".join(f"{n} {c:.3f}" for n, c in zip(names, cors, strict=True))
+    )
+    lib = next(iter(spatial))
+    mirrored = {lib: dict(spatial[lib])}
+    mirrored[lib]["images"] = {
+        k: np.ascontiguousarray(v[:, ::-1]) for k, v in spatial[lib]["images"].items()
+    }
+
+    def line(name, out, m):
+        u = out.uns["undiffused"]
+        est = out.layers["undiffused"].toarray().astype(np.float64)
+        gc = gap_closure(per_gene_rmse(est, truth), rr, rf)
+        lp = per_gene_pearson(est[tis], truth[tis], log1p=True)
+        pe = per_gene_pearson(est[tis], truth[tis])
+        tot_rmse = np.sqrt(np.mean((est[tis].sum(1) - tt) ** 2))
+        ip = u["image_prior"]
+        extra = ""
+        if "heldout_gain" in ip:
+            extra = (
+                f"  heldout_gain {ip['heldout_gain']:.1f}  corr(log totals, log mu) "
+                f"{ip['correlation_totals']:.3f}"
+            )
+        print(
+            f"image_prior {args.data} {name:<10} gap_closure_median {np.nanmedian(gc):.3f}  "
+            f"mean {np.nanmean(gc):.3f}  pearson {np.nanmedian(pe):.4f}  log1p_pearson "
+            f"{np.nanmedian(lp):.4f}  spot_total_rmse {tot_rmse:.2f}  alpha "
+            f"{u['params']['image_prior_alpha']:g}{extra}  sigma {u['sigma']:.3f}  time_s "
+            f"{m.wall:.1f}",
+            flush=True,
+        )
+
+    raw_tot = np.sqrt(np.mean((raw[tis].sum(1) - tt) ** 2))
+    lp_raw = np.nanmedian(per_gene_pearson(raw[tis], truth[tis], log1p=True))
+    print(
+        f"image_prior {args.data} raw        log1p_pearson {lp_raw:.4f}  spot_total_rmse "
+        f"{raw_tot:.2f}"
+    )
+    for name, uns, ip in (
+        ("none", spatial, False),
+        ("auto", spatial, "auto"),
+        ("mirrored", mirrored, "auto"),
+    ):
+        sim.uns["spatial"] = uns
+        with PeakRSS() as m:
+            out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, image_prior=ip, **LIB)
+        line(name, out, m)
+    if args.alpha:
+        sim.uns["spatial"] = spatial
+        for a in args.alpha:
+            with PeakRSS() as m:
+                out = ct.tl.undiffuse(sim, copy=True, diagnostics=False, image_prior=a, **LIB)
+            line(f"alpha={a:g}", out, m)
 
 
 def run_real(args) -> None:
@@ -609,7 +693,10 @@ def run_scale_tiled(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["truth", "reference", "real", "scale", "modules", "tissue"])
+    ap.add_argument(
+        "part",
+        choices=["truth", "reference", "real", "scale", "modules", "tissue", "image_prior"],
+    )
     ap.add_argument("--data", choices=["dlpfc", "mouse_brain"], default="mouse_brain")
     ap.add_argument("--genes", type=int, default=100)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -630,6 +717,9 @@ def main() -> None:
     ap.add_argument(
         "--layout", choices=["tiled", "random"], default="tiled", help="scale: tissue layout"
     )
+    ap.add_argument(
+        "--alpha", type=float, nargs="*", default=[], help="image_prior: fixed strengths too"
+    )
     args = ap.parse_args()
     sched = None if args.scheduler == "none" else args.scheduler
     LIB.update(device=args.device, scheduler=sched)
@@ -642,6 +732,7 @@ def main() -> None:
     torch.set_num_threads(1)
     parts = {"truth": run_truth, "reference": run_reference, "real": run_real}
     parts.update(scale=run_scale, modules=run_modules, tissue=run_tissue)
+    parts["image_prior"] = run_image_prior
     if args.part == "scale" and args.layout == "tiled" and args.lattice == "hex":
         parts["scale"] = run_scale_tiled
     parts[args.part](args)
