@@ -4,6 +4,7 @@
 - :mod:`.model`: the forward model ``A`` and Richardson-Lucy / EM in gene batches.
 - :mod:`.estimate`: profile likelihood of ``sigma``, ``bleed``, ``background`` on totals.
 - :mod:`.metrics`: Moran's I and the benchmark scores.
+- :mod:`.prior`: the H&E image as a Gamma prior on spot total densities (MAP-EM).
 
 The AnnData layer is :func:`chronotope.tl.undiffuse`; see ``docs/undiffuse.md``.
 """
