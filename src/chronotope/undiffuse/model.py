@@ -520,7 +520,6 @@ class _SparseCounts:
         self.shape = x.shape
         self.device, self.dtype = device, dtype
         coo_rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-        self.rows = torch.as_tensor(coo_rows, device=device)
         self.cols = torch.as_tensor(x.indices.astype(np.int64), device=device)
         self.vals = torch.as_tensor(x.data, dtype=dtype, device=device)
         self.crow = torch.as_tensor(x.indptr.astype(np.int64), device=device)
@@ -533,6 +532,21 @@ class _SparseCounts:
         )
         self.t_col = torch.as_tensor(coo_rows[order], device=device)
         self._warnings = warnings
+        # the sampling pattern of rate_at, built once: its values are the counts themselves
+        # (finite; beta=0 ignores them), so it holds no nnz-sized array of its own, and no
+        # zero-filled nnz buffer is allocated per iteration
+        self._pattern = self._csr(self.crow, self.cols, self.vals, self.shape)
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Row of each stored entry (built on first use, not kept for every fit)."""
+        if self._rows is None:
+            counts = self.crow[1:] - self.crow[:-1]
+            self._rows = torch.repeat_interleave(
+                torch.arange(self.shape[0], device=self.device), counts
+            )
+        return self._rows
 
     def _csr(self, crow, col, vals, shape) -> torch.Tensor:
         with self._warnings.catch_warnings():
@@ -541,8 +555,7 @@ class _SparseCounts:
 
     def rate_at(self, ah: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``(ah @ w)`` at the stored entries (sampled dense-dense product, no N x G array)."""
-        pattern = self._csr(self.crow, self.cols, torch.zeros_like(self.vals), self.shape)
-        return torch.sparse.sampled_addmm(pattern, ah, w, beta=0.0).values()
+        return torch.sparse.sampled_addmm(self._pattern, ah, w, beta=0.0).values()
 
     def matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """``S @ dense`` where ``S`` has this pattern and ``values``."""
