@@ -122,17 +122,19 @@ def interpolation(
             x = _log_normalised(x)  # row totals over the shared genes, kept sparse
         if color is not None:  # densify the one gene drawn, not the slice
             x = x[:, list(genes).index(color)]
-        e = np.asarray(x.toarray() if sp.issparse(x) else x)
-        return e.ravel() if color is not None else e
+            return np.asarray(x.toarray() if sp.issparse(x) else x).ravel()
+        return x  # kept sparse: only a row subsample is densified below
 
     mats = [values(n, a) for n, a in panels]
     if color is None:
-        stacked = np.concatenate(mats)
-        mean = stacked.mean(0)
-        _, _, vt = np.linalg.svd(
-            stacked[:: max(1, len(stacked) // 3000)] - mean, full_matrices=False
-        )
-        mats = [(m - mean) @ vt[0] for m in mats]
+        # first principal axis of the stacked slices, from about 3,000 rows; every slice
+        # is then projected sparse ((m - mean) v = m v - mean v): no slice is densified
+        n_all = sum(m.shape[0] for m in mats)
+        step = max(1, n_all // 3000)
+        mean = sum(np.asarray(m.sum(axis=0), dtype=np.float64).ravel() for m in mats) / n_all
+        rows = sp.vstack([sp.csr_matrix(m) for m in mats], format="csr")[::step]
+        _, _, vt = np.linalg.svd(rows.toarray() - mean, full_matrices=False)
+        mats = [np.asarray(m @ vt[0]).ravel() - float(mean @ vt[0]) for m in mats]
     lo = min(float(np.percentile(m, 1)) for m in mats)
     hi = max(float(np.percentile(m, 99)) for m in mats)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
