@@ -67,6 +67,21 @@ _STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
 _STAINS = _STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)
 
 
+def rgb_image(image: np.ndarray) -> np.ndarray:
+    """An RGB(A) image (uint8 or floats in [0, 1]) as float64 RGB in [0, 1]."""
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise ChronotopeInputError(f"image must be H x W x 3 (RGB), got shape {img.shape}")
+    rgb = img[..., :3].astype(np.float64)
+    return rgb / 255.0 if rgb.max() > 1.0 else rgb
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation ``(max - min) / max`` of a float RGB image (0 where black)."""
+    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
+    return np.where(mx > 0, (mx - mn) / np.maximum(mx, _TINY), 0.0)
+
+
 def spot_means(channel: np.ndarray, pixels: np.ndarray, radius: float) -> np.ndarray:
     """Mean of a 2-D image ``channel`` over each spot's disc (as :func:`image_tissue`).
 
@@ -97,18 +112,11 @@ def image_density(
     (densities, names)
         ``(N, 3)`` non-negative array and its column names.
     """
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise ChronotopeInputError(f"image must be H x W x 3 (RGB), got shape {img.shape}")
-    rgb = img[..., :3].astype(np.float64)
-    if rgb.max() > 1.0:
-        rgb = rgb / 255.0
+    rgb = rgb_image(image)
     od = -np.log10(np.clip(rgb, 1.0 / 255.0, 1.0))
     conc = od.reshape(-1, 3) @ np.linalg.inv(_STAINS)
     conc = np.clip(conc, 0.0, None).reshape(od.shape)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, _TINY), 0.0)
-    cols = [conc[..., 0], conc[..., 1], sat]
+    cols = [conc[..., 0], conc[..., 1], saturation(rgb)]
     dens = np.stack([spot_means(c, pixels, radius) for c in cols], axis=1)
     return dens, ["hematoxylin_od", "eosin_od", "saturation"]
 

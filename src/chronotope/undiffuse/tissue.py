@@ -37,6 +37,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope.undiffuse.estimate import estimate_parameters
 from chronotope.undiffuse.kernels import Lattice, Profile, make_kernel
 from chronotope.undiffuse.model import DiffusionOperator
+from chronotope.undiffuse.prior import rgb_image, saturation, spot_means
 
 __all__ = ["TissueFit", "image_tissue", "learn_tissue", "otsu_threshold", "soft_mask_loss"]
 
@@ -258,24 +259,8 @@ def image_tissue(
     (prob, saturation, threshold)
         Tissue probability per spot, the mean saturation per spot, and Otsu's threshold.
     """
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise ChronotopeInputError(f"image must be H x W x 3 (RGB), got shape {img.shape}")
-    rgb = img[..., :3].astype(np.float64)
-    if rgb.max() > 1.0:
-        rgb = rgb / 255.0
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-12), 0.0)
-    h, w = sat.shape
+    spot_sat = spot_means(saturation(rgb_image(image)), pixels, radius)
     px = np.asarray(pixels, dtype=np.float64)
-    r = max(1, round(radius))
-    # mean over the spot's disc by an integral image of the saturation
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    disc = (dy * dy + dx * dx) <= r * r
-    offs_y, offs_x = dy[disc], dx[disc]
-    cy = np.clip(np.rint(px[:, 1]).astype(np.int64)[:, None] + offs_y[None, :], 0, h - 1)
-    cx = np.clip(np.rint(px[:, 0]).astype(np.int64)[:, None] + offs_x[None, :], 0, w - 1)
-    spot_sat = sat[cy, cx].mean(axis=1)
     thr = otsu_threshold(spot_sat)
     spread = float(spot_sat.std()) or 1.0
     prob = 1.0 / (1.0 + np.exp(-sharpness * (spot_sat - thr) / spread))
