@@ -447,15 +447,7 @@ def run_tissue(args) -> None:
             f"time_s {m.wall:.1f}{ssim}"
         )
     truth_ad = truth_mouse_brain(args.genes)
-    tis = truth_ad.obs["in_tissue"].to_numpy().astype(bool)
-    truth = truth_ad.X.toarray().astype(np.float64)
-    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
-    p = SETTINGS["realistic"]
-    sim = ct.tl.simulate_diffusion(
-        truth_ad, p["sigma"], p["bleed"], background=p["background"], seed=1
-    )
-    raw = sim.X.toarray().astype(np.float64)
-    rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+    tis, truth, sim, raw, rr, rf = realistic_simulation(truth_ad)
     off_raw = raw[~tis].sum() / raw.sum()
     for how, kw in (
         ("mask_given", {"tissue_key": "in_tissue"}),
@@ -477,6 +469,24 @@ def run_tissue(args) -> None:
         )
 
 
+def realistic_simulation(truth_ad):
+    """The realistic setting on ``truth_ad``: (tissue mask, truth, simulated AnnData, raw
+    counts, per-gene RMSE of raw and of the Poisson floor)."""
+    import chronotope as ct
+    from chronotope.undiffuse.metrics import per_gene_rmse
+
+    tis = truth_ad.obs["in_tissue"].to_numpy().astype(bool)
+    truth = truth_ad.X.toarray().astype(np.float64)
+    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
+    p = SETTINGS["realistic"]
+    sim = ct.tl.simulate_diffusion(
+        truth_ad, p["sigma"], p["bleed"], background=p["background"], seed=1
+    )
+    raw = sim.X.toarray().astype(np.float64)
+    rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+    return tis, truth, sim, raw, rr, rf
+
+
 def run_image_prior(args) -> None:
     """Realistic simulation on real counts with the real H&E image attached: no prior,
     the image prior ("auto": strength by held-out thinned totals), and a control with
@@ -492,15 +502,7 @@ def run_image_prior(args) -> None:
     else:
         truth_ad = truth_mouse_brain(args.genes)
         spatial = ct.datasets.mouse_brain_raw(load_image=True).uns["spatial"]
-    tis = truth_ad.obs["in_tissue"].to_numpy().astype(bool)
-    truth = truth_ad.X.toarray().astype(np.float64)
-    floor = np.random.default_rng(99).poisson(truth).astype(np.float64)
-    p = SETTINGS["realistic"]
-    sim = ct.tl.simulate_diffusion(
-        truth_ad, p["sigma"], p["bleed"], background=p["background"], seed=1
-    )
-    raw = sim.X.toarray().astype(np.float64)
-    rr, rf = per_gene_rmse(raw, truth), per_gene_rmse(floor, truth)
+    tis, truth, sim, raw, rr, rf = realistic_simulation(truth_ad)
     sim.uns["spatial"] = spatial
     img = find_image(sim, "spatial")
     dens, names = image_density(*img)
