@@ -510,7 +510,17 @@ class LowRankResult:
 
 
 class _SparseCounts:
-    """Counts with a fixed sparsity pattern: CSR of ``X`` and of ``X^T`` for new values."""
+    """Counts with a fixed sparsity pattern: CSR of ``X`` and of ``X^T`` for new values.
+
+    Every iteration of the low-rank EM needs a few arrays of one value per stored count
+    (the model's rate there, ``X / rate``, the same values in column order). At atlas
+    size these are tens of MB each; allocating them afresh every iteration costs more
+    system time (page faults of fresh mappings) than the arithmetic, so they are kept
+    here and written in place: :meth:`rate_at` returns a view of its buffer, valid until
+    its next call. Indices are 32-bit where they fit (half the memory of the pattern).
+    """
+
+    _CHUNK = 1 << 20  # entries per float64 chunk of the log-likelihood sum
 
     def __init__(self, x: sp.csr_matrix, device, dtype) -> None:
         import warnings
@@ -519,30 +529,43 @@ class _SparseCounts:
         x.sort_indices()
         self.shape = x.shape
         self.device, self.dtype = device, dtype
-        coo_rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-        self.cols = torch.as_tensor(x.indices.astype(np.int64), device=device)
+        nnz = int(x.nnz)
+        idx = np.int32 if max(nnz, *x.shape) < 2**31 - 1 else np.int64
+        coo_rows = np.repeat(np.arange(x.shape[0], dtype=idx), np.diff(x.indptr))
+        self.cols = torch.as_tensor(x.indices.astype(idx), device=device)
         self.vals = torch.as_tensor(x.data, dtype=dtype, device=device)
-        self.crow = torch.as_tensor(x.indptr.astype(np.int64), device=device)
+        self.crow = torch.as_tensor(x.indptr.astype(idx), device=device)
         # transpose pattern: entries ordered by column, then row
-        order = np.lexsort((coo_rows, x.indices))
+        order = np.lexsort((coo_rows, x.indices)).astype(idx)
         self.perm = torch.as_tensor(order, device=device)
         self.t_crow = torch.as_tensor(
-            np.concatenate([[0], np.cumsum(np.bincount(x.indices, minlength=x.shape[1]))]),
+            np.concatenate([[0], np.cumsum(np.bincount(x.indices, minlength=x.shape[1]))]).astype(
+                idx
+            ),
             device=device,
         )
         self.t_col = torch.as_tensor(coo_rows[order], device=device)
+        del coo_rows, order
         self._warnings = warnings
         # the sampling pattern of rate_at, built once: its values are the counts themselves
-        # (finite; beta=0 ignores them), so it holds no nnz-sized array of its own, and no
-        # zero-filled nnz buffer is allocated per iteration
+        # (finite; beta=0 ignores them); products go into the "rate" buffer
         self._pattern = self._csr(self.crow, self.cols, self.vals, self.shape)
+        self._buffers: dict[str, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None
+
+    def _buffer(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An nnz-sized work array, allocated on first use and reused after."""
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(
+                self.vals.numel(), dtype=dtype or self.dtype, device=self.device
+            )
+        return self._buffers[name]
 
     @property
     def rows(self) -> torch.Tensor:
         """Row of each stored entry (built on first use, not kept for every fit)."""
         if self._rows is None:
-            counts = self.crow[1:] - self.crow[:-1]
+            counts = (self.crow[1:] - self.crow[:-1]).long()
             self._rows = torch.repeat_interleave(
                 torch.arange(self.shape[0], device=self.device), counts
             )
@@ -553,9 +576,34 @@ class _SparseCounts:
             self._warnings.filterwarnings("ignore", category=UserWarning)
             return torch.sparse_csr_tensor(crow, col, vals, size=shape, check_invariants=False)
 
-    def rate_at(self, ah: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``(ah @ w)`` at the stored entries (sampled dense-dense product, no N x G array)."""
-        return torch.sparse.sampled_addmm(self._pattern, ah, w, beta=0.0).values()
+    def rate_at(self, ah: torch.Tensor, w: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """``(ah @ w)`` at the stored entries, at least ``_TINY`` (no N x G array).
+
+        Written into this object's buffer (overwritten by the next call) unless ``fresh``.
+        """
+        if fresh:
+            out = torch.sparse.sampled_addmm(self._pattern, ah, w, beta=0.0).values()
+        else:
+            out = self._buffer("rate")
+            target = self._csr(self.crow, self.cols, out, self.shape)
+            torch.sparse.sampled_addmm(self._pattern, ah, w, beta=0.0, out=target)
+        return out.clamp_min_(_TINY)
+
+    def ratio(self, rate: torch.Tensor) -> torch.Tensor:
+        """:func:`_ratio` of the counts and ``rate`` (a buffer, overwritten by the next call)."""
+        eps = 1e-7 * rate.abs().max().clamp_min(_TINY)
+        out, mask = self._buffer("ratio"), self._buffer("mask", torch.bool)
+        torch.div(self.vals, rate, out=out)
+        torch.le(rate, eps, out=mask)
+        return out.masked_fill_(mask, 0.0)
+
+    def xlogy_sum(self, rate: torch.Tensor) -> float:
+        """``sum x log(rate)`` over the stored entries, in float64, chunk by chunk."""
+        total = 0.0
+        for lo in range(0, self.vals.numel(), self._CHUNK):
+            v = self.vals[lo : lo + self._CHUNK].double()
+            total += float(torch.xlogy(v, rate[lo : lo + self._CHUNK].double()).sum())
+        return total
 
     def matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """``S @ dense`` where ``S`` has this pattern and ``values``."""
@@ -563,7 +611,7 @@ class _SparseCounts:
 
     def t_matmul(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """``S^T @ dense``."""
-        vt = values[self.perm]
+        vt = torch.index_select(values, 0, self.perm, out=self._buffer("transposed"))
         return self._csr(self.t_crow, self.t_col, vt, self.shape[::-1]) @ dense
 
 
@@ -650,11 +698,9 @@ def lowrank_deconvolve(
         return h, w
 
     def fit(
-        counts: sp.csr_matrix, iters: int, held: sp.csr_matrix | None
+        c: _SparseCounts, total: float, iters: int, hc: _SparseCounts | None
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, int, GammaImagePrior | None]:
-        c = _SparseCounts(counts, dev, dtype)
-        hc = _SparseCounts(held, dev, dtype) if held is not None else None
-        h, w = init(float(counts.sum()))
+        h, w = init(total)
         pr = None
         if prior is not None:  # own copy: theta is refitted along this fit
             pr = GammaImagePrior(prior.alpha, prior.design, np.zeros_like(prior.coef))
@@ -668,19 +714,19 @@ def lowrank_deconvolve(
             bar = tqdm(total=iters, desc="undiffuse (low rank)", unit="it", leave=False)
         for it in range(iters):
             ah = op.forward(h)
-            rate = c.rate_at(ah, w).clamp_min(_TINY)
+            rate = c.rate_at(ah, w)
             if hc is None:  # training trace of the final fit only (the held-out one has its own)
                 tot_rate = float(ah.sum(dim=0) @ w.sum(dim=1))
-                trace.append(float(torch.xlogy(c.vals.double(), rate.double()).sum()) - tot_rate)
+                trace.append(c.xlogy_sum(rate) - tot_rate)
             if rank > 0:
-                num = c.t_matmul(_ratio(c.vals, rate), ah).T  # r x G
+                num = c.t_matmul(c.ratio(rate), ah).T  # r x G
                 upd = num / ah.sum(dim=0).clamp_min(_TINY)[:, None]
                 wf = w[m:] * upd[m:]
                 if pr is not None:  # W rows on the simplex: sum_k H_jk is the spot total
                     wf = wf / wf.sum(dim=1, keepdim=True).clamp_min(_TINY)
                 w = torch.cat([w[:m], wf], dim=0)
-                rate = c.rate_at(ah, w).clamp_min(_TINY)
-            b = c.matmul(_ratio(c.vals, rate), w.T.contiguous())  # N x r
+                rate = c.rate_at(ah, w)
+            b = c.matmul(c.ratio(rate), w.T.contiguous())  # N x r
             if pr is None:
                 h = h * op.adjoint(b) / w.sum(dim=1).clamp_min(_TINY)[None, :]
             else:  # MAP M-step: C_jk times (C_j + alpha - 1) / ((1 + alpha / mu_j) C_j)
@@ -689,10 +735,8 @@ def lowrank_deconvolve(
                 pr.refit(h.sum(dim=1).double().cpu().numpy(), n_newton=2)
             if hc is not None:
                 ah = op.forward(h)
-                hr = hc.rate_at(ah, w).clamp_min(_TINY)
-                ll = float(torch.xlogy(hc.vals.double(), hr.double()).sum()) - float(
-                    ah.sum(dim=0) @ w.sum(dim=1)
-                )
+                hr = hc.rate_at(ah, w)
+                ll = hc.xlogy_sum(hr) - float(ah.sum(dim=0) @ w.sum(dim=1))
                 htrace.append(ll)
                 if ll > best:
                     best, best_it = ll, it + 1
@@ -718,7 +762,9 @@ def lowrank_deconvolve(
         x1.eliminate_zeros()
         x2 = sp.csr_matrix(x2)
         x2.eliminate_zeros()
-        h1, w1, _, held_trace, best_it, pr1 = fit(x1, max_iter, x2)
+        h1, w1, _, held_trace, best_it, pr1 = fit(
+            _SparseCounts(x1, dev, dtype), float(x1.sum()), max_iter, _SparseCounts(x2, dev, dtype)
+        )
         half = {"h": h1.cpu().numpy(), "w": w1.cpu().numpy(), "x1": x1, "x2": x2}
         if pr1 is not None:
             half["prior_factor"] = pr1.osl_factor(half["h"].sum(axis=1))
@@ -728,15 +774,15 @@ def lowrank_deconvolve(
         iters = int(n_iter)
     else:
         raise ChronotopeInputError(f"n_iter must be 'auto' or a positive integer, got {n_iter!r}")
-    h, w, trace, _, _, pr_full = fit(xs, iters, None)
-    # E-step share of each spot's molecules that stayed at their own spot
     c = _SparseCounts(xs, dev, dtype)
+    h, w, trace, _, _, pr_full = fit(c, float(xs.sum()), iters, None)
+    # E-step share of each spot's molecules that stayed at their own spot
     ah = op.forward(h)
-    rate = c.rate_at(ah, w).clamp_min(_TINY)
+    rate = c.rate_at(ah, w, fresh=True)
     a_self = torch.zeros(n, dtype=dtype, device=dev)
     a_self[op.tissue] = op.self_weight().to(dtype)
     hz = op.embed(h)
-    own = c.rate_at(hz, w) * a_self[c.rows]
+    own = c.rate_at(hz, w) * a_self[c.rows]  # the buffer; ``rate`` is fresh
     stay = torch.zeros(n, dtype=torch.float64, device=dev)
     stay.index_add_(0, c.rows, (c.vals * own / rate).double())
     observed = torch.as_tensor(np.asarray(xs.sum(axis=1)).ravel(), device=dev)
