@@ -167,10 +167,9 @@ def child(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(spec["threads"])
     import anndata as ad
-    import sklearn.decomposition
-    import sklearn.mixture  # noqa: F401
 
     import chronotope as ct
+    import chronotope.tl  # noqa: F401  (torch and the rest; scikit-learn loads when clustering)
 
     base = peak_rss_bytes() / 2**30
     adata = ad.read_h5ad(spec["input"])

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from sklearn.decomposition import PCA
 
 from chronotope._errors import ChronotopeInputError
 from chronotope._validate import check_counts, check_finite, get_obsm
@@ -278,6 +277,10 @@ def spatial_domains(
         with scheduler_client(scheduler) as client:
             tiles = {"scheduler": client, "tile_size": tile_size}
             embedding, latent = model.get_embedding(**tiles), model.get_latent(**tiles)
+    # scikit-learn is imported here, after training, not with the module: its ~50 MB
+    # of code then lands once the training buffers are free instead of on top of them
+    from sklearn.decomposition import PCA
+
     reduced = PCA(min(_CLUSTER_PCS, embedding.shape[1]), random_state=seed).fit_transform(embedding)
     labels = cluster_embedding(reduced, n_domains, method=method, random_state=seed)
     if refine:
