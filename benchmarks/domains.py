@@ -169,7 +169,7 @@ def child(spec: dict[str, Any]) -> None:
     import anndata as ad
 
     import chronotope as ct
-    import chronotope.tl  # noqa: F401  (torch and the rest; scikit-learn loads when clustering)
+    import chronotope.tl  # torch and the rest; scikit-learn loads when clustering
 
     base = peak_rss_bytes() / 2**30
     adata = ad.read_h5ad(spec["input"])
