@@ -341,7 +341,8 @@ def case_scale(args: argparse.Namespace, work: Path) -> None:
             else:
                 print(
                     f"{line} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
-                    f"peak RSS {r['peak_rss_gb']:.2f} GB (imports {r['import_rss_gb']:.2f} GB)",
+                    f"peak RSS {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gb'] * 1024:.0f} MiB; "
+                    f"imports {r['import_rss_gb']:.2f} GB)",
                     flush=True,
                 )
             if args.graphst and n <= args.graphst_max_n:

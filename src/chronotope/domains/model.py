@@ -641,6 +641,14 @@ class DomainModel:
         h, _ = self._forward(scores, loadings, connectivities)
         return h.cpu().numpy()
 
+    def release_training_data(self) -> None:
+        """Drop the hop stack kept from :meth:`fit` (the model itself stays usable).
+
+        After this, :meth:`get_embedding` and :meth:`get_latent` need ``scores``,
+        ``loadings`` and ``connectivities`` again, as for a loaded model.
+        """
+        self._cache = {}
+
     def get_embedding(
         self,
         scores: np.ndarray | None = None,

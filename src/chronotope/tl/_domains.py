@@ -277,6 +277,7 @@ def spatial_domains(
         with scheduler_client(scheduler) as client:
             tiles = {"scheduler": client, "tile_size": tile_size}
             embedding, latent = model.get_embedding(**tiles), model.get_latent(**tiles)
+    model.release_training_data()  # the hop stack is not needed for clustering
     # scikit-learn is imported here, after training, not with the module: its ~50 MB
     # of code then lands once the training buffers are free instead of on top of them
     from sklearn.decomposition import PCA

@@ -513,17 +513,15 @@ def undiffuse(
     if round_counts:
         z = round_keep_totals(z, gtot)
     # layer: tissue rows from z, other rows zero; uncorrected genes copied
-    full = np.zeros((adata.n_obs, xg.shape[1]), dtype=np.float32)
-    full[tis] = z
-    out = sp.csr_matrix(full)
-    del full
+    out = _rows_to_csr(z, tis)
+    del z
     if not gmask.all():
         keep = sp.csr_matrix(x, dtype=np.float32).tolil()
         idx = np.flatnonzero(gmask)
         keep[:, idx] = out
         out = sp.csr_matrix(keep)
     out.eliminate_zeros()
-    adata.layers[key_added] = out.astype(np.float32)
+    adata.layers[key_added] = out if out.dtype == np.float32 else out.astype(np.float32)
     adata.obs["diffusion_fraction"] = np.asarray(frac, dtype=np.float32)
     ncol = np.zeros(adata.n_vars)
     ncol[gmask] = n_it
@@ -579,6 +577,34 @@ def undiffuse(
         "undiffuse: %d genes x %d spots in %.1f s", gmask.sum(), adata.n_obs, info["seconds"]
     )
     return adata if copy else None
+
+
+def _rows_to_csr(z: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> sp.csr_matrix:
+    """CSR (float32) with the dense ``z`` on the rows where ``rows`` is true, zero elsewhere.
+
+    Built chunk by chunk into preallocated arrays: no dense array of all spots and no
+    COO copy with 64-bit indices of every non-zero (at 50k spots x 2,000 genes those
+    were 0.4 and 1.2 GB on top of the result).
+    """
+    n, g = rows.size, z.shape[1]
+    per_row = np.zeros(n, dtype=np.int64)
+    at = np.flatnonzero(rows)
+    for lo in range(0, z.shape[0], chunk):
+        per_row[at[lo : lo + chunk]] = np.count_nonzero(z[lo : lo + chunk], axis=1)
+    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    nnz = int(indptr[-1])
+    idx_dtype = np.int32 if max(nnz, g) < 2**31 - 1 else np.int64
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=idx_dtype)
+    pos = 0
+    for lo in range(0, z.shape[0], chunk):
+        blk = z[lo : lo + chunk]
+        _, c = np.nonzero(blk)
+        k = c.size
+        indices[pos : pos + k] = c
+        data[pos : pos + k] = blk[blk != 0]
+        pos += k
+    return sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=(n, g))
 
 
 def _image_prior_arg(value: bool | float | str) -> tuple[str, float]:
