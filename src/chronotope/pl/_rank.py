@@ -115,24 +115,36 @@ def rank_maps(
         slide = str(slide) if slide is not None else str(np.unique(lab)[0])
         mask = lab == slide
     sub = adata[mask]
-    x = sub.X.toarray() if sp.issparse(sub.X) else np.asarray(sub.X)
+    x = sub.X
     totals = (
         sub.obs["rank_total_counts"].to_numpy(dtype=np.float64)
         if "rank_total_counts" in sub.obs
-        else x.sum(1)
+        else np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
     )
-    meas = log_normalize(x, totals)
+
+    def measured(cols) -> np.ndarray:  # log-normalised counts of some genes, densified alone
+        blk = x[:, cols]
+        return log_normalize(blk.toarray() if sp.issparse(blk) else np.asarray(blk), totals)
+
     pred = np.asarray(sub.layers[layer], dtype=np.float64)
-    r = within_slide_correlation(pred, meas, np.zeros(sub.n_obs))[0]
+    zeros = np.zeros(sub.n_obs)
+    r = np.concatenate(  # per gene, in blocks of 256 genes: the counts are never dense whole
+        [
+            within_slide_correlation(pred[:, c], measured(c), zeros)[0]
+            for c in (slice(lo, lo + 256) for lo in range(0, sub.n_vars, 256))
+        ]
+    )
     if genes is None:
         order = np.argsort(-np.nan_to_num(r, nan=-2.0))
         genes = [str(sub.var_names[j]) for j in order[:n_genes]]
     idx = [sub.var_names.get_loc(g) for g in genes]
+    meas_sel = measured(idx)
     xy = np.asarray(sub.obsm[spatial_key])[:, :2]
     s = size if size is not None else max(4.0, 3000.0 / max(1, sub.n_obs))
     fig, axes = plt.subplots(2, len(idx), figsize=(2.8 * len(idx), 5.4), squeeze=False)
     for c, (g, j) in enumerate(zip(genes, idx, strict=True)):
-        for row, (vals, name) in enumerate(((meas[:, j], "measured"), (pred[:, j], "predicted"))):
+        pairs = ((meas_sel[:, c], "measured"), (pred[:, j], "predicted"))
+        for row, (vals, name) in enumerate(pairs):
             ax = axes[row, c]
             lo, hi = np.nanpercentile(vals, [2, 98])  # a few outlier spots do not set the scale
             ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=s, cmap="viridis", linewidths=0,
