@@ -599,10 +599,11 @@ def _rows_to_csr(z: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> sp.csr_m
     pos = 0
     for lo in range(0, z.shape[0], chunk):
         blk = z[lo : lo + chunk]
-        _, c = np.nonzero(blk)
+        nz = blk != 0
+        _, c = np.nonzero(nz)
         k = c.size
         indices[pos : pos + k] = c
-        data[pos : pos + k] = blk[blk != 0]
+        data[pos : pos + k] = blk[nz]
         pos += k
     return sp.csr_matrix((data, indices, indptr.astype(idx_dtype)), shape=(n, g))
 
