@@ -453,6 +453,7 @@ def run_case(
     method: str = "sde",
     ours: bool = True,
     particles: int = 4,
+    extrapolate: str = "rest",
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
 
@@ -476,7 +477,13 @@ def run_case(
             tic = time.perf_counter()
             x0_rep = np.repeat(x0, particles, axis=0)  # particles per start cell
             res = model.simulate(
-                x0_rep, times[0], max(targets), method=method, t_eval=targets, seed=seed
+                x0_rep,
+                times[0],
+                max(targets),
+                method=method,
+                t_eval=targets,
+                seed=seed,
+                extrapolate=extrapolate,
             )
             sim_s = time.perf_counter() - tic
             timings = model.timings_
@@ -518,6 +525,7 @@ def run_case(
                 "task": task,
                 "t": float(tk),
                 "seed": seed,
+                "extrapolate": extrapolate if held == times[-1] else "",
                 "w1": score,
                 "w1_pos": score_pos,
                 "previous": prev,
@@ -535,7 +543,8 @@ def run_case(
             rows.append(row)
             peer_txt = "".join(f" | {kind} {peer_w1[kind]:.4f}" for kind in peers)
             print(
-                f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}: W1 {score:.4f} "
+                f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}"
+                f"{' ' + extrapolate if task == 'extrap' else ''}: W1 {score:.4f} "
                 f"(positions only {score_pos:.4f}) | "
                 f"previous {prev:.4f} | McCann {mc:.4f}{peer_txt} | mass err "
                 f"{row['mass_err']:.3f} (peers {row['peer_mass_err']:.3f}) | couplings "
@@ -607,6 +616,13 @@ def main() -> None:
         type=int,
         default=4,
         help="particles per start cell for ours (as predict --n-particles); ode: use 1",
+    )
+    ap.add_argument(
+        "--extrapolate",
+        default="rest",
+        choices=["rest", "continue"],
+        help="ours past the last training time (DynamicsModel.simulate): rest (default) "
+        "or continue (the last fields keep acting; the behaviour before)",
     )
     ap.add_argument("--n-steps", type=int, default=None, help="override DynamicsParams.n_steps")
     ap.add_argument("--epsilon", type=float, default=None, help="override DynamicsParams.epsilon")
@@ -702,6 +718,7 @@ def main() -> None:
                     method=args.method,
                     ours=not args.no_ours,
                     particles=args.particles,
+                    extrapolate=args.extrapolate,
                 )
                 rows += r
                 truths += tr

@@ -61,9 +61,35 @@ def test_fields_are_held_at_the_ends_of_the_training_range(drift_model) -> None:
     np.testing.assert_array_equal(model.velocity(pts, 5.0), model.velocity(pts, 2.0))
     np.testing.assert_array_equal(model.growth(pts, -1.0), model.growth(pts, 0.0))
     np.testing.assert_array_equal(model.score(pts, 9.0), model.score(pts, 2.0))
-    # Extrapolating a constant drift a little past the last time point continues it.
-    res = model.simulate(x[t == 2], 2.0, 2.5, method="ode")
+    # extrapolate="continue": a constant drift goes on a little past the last time point
+    res = model.simulate(x[t == 2], 2.0, 2.5, method="ode", extrapolate="continue")
     np.testing.assert_allclose(res.x[-1].mean(0), 2.5 * DRIFT, atol=0.15)
+
+
+def test_rest_extrapolation_stops_drift_and_growth(drift_model) -> None:
+    """Default ``extrapolate="rest"``: past the training range only the diffusion acts."""
+    model, x, t = drift_model
+    x2 = x[t == 2]
+    for method in ("ode", "sde"):
+        res = model.simulate(
+            x2, 2.0, 3.0, method=method, t_eval=[2.0, 3.0], seed=0, extrapolate="rest"
+        )
+        # the mean stays (no drift), the masses stay (no growth); the cloud only spreads
+        np.testing.assert_allclose(res.x[-1].mean(0), x2.mean(0), atol=0.05)
+        np.testing.assert_allclose(res.weights[-1], res.weights[0], rtol=1e-6)
+        spread = res.x[-1].std(0) ** 2 - x2.std(0) ** 2
+        assert (spread > -0.02).all() and (spread < 2 * model.sigma_**2 + 0.05).all()
+        cont = model.simulate(x2, 2.0, 3.0, method=method, seed=0, extrapolate="continue")
+        assert np.linalg.norm(cont.x[-1].mean(0) - x2.mean(0)) > 0.5 * np.linalg.norm(DRIFT)
+    # from inside the range to outside: the step is split at t = 2, the drift acts up to it
+    part = model.simulate(x[t == 1], 1.0, 3.0, method="ode", t_eval=[2.0, 3.0])
+    np.testing.assert_allclose(part.x[0].mean(0), 2 * DRIFT, atol=0.15)
+    np.testing.assert_allclose(part.x[1].mean(0), part.x[0].mean(0), atol=0.05)
+    # backward before the first time point: at rest as well
+    back = model.simulate(x[t == 0], 0.0, -1.0, method="ode")
+    np.testing.assert_allclose(back.x[-1].mean(0), x[t == 0].mean(0), atol=0.05)
+    with pytest.raises(ChronotopeInputError, match="extrapolate"):
+        model.simulate(x2, 2.0, 3.0, extrapolate="drift")
 
 
 def test_score_is_gradient_of_learned_potential(drift_model) -> None:

@@ -205,6 +205,26 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     assert np.isfinite(p.obsm["X_pca"]).all() and (p.obs["weight"] > 0).all()
     expect = model.simulate(a.obsm["X_pca"][a.obs["time"] == 0], 0.0, 0.5).final[0]
     np.testing.assert_allclose(p.obsm["X_pca"], expect, atol=1e-5)
+    # past the last training time (1.25): --extrapolate rest (default) or continue
+    x0 = a.obsm["X_pca"][a.obs["time"] == 0]
+    ends = {}
+    for mode in ("rest", "continue"):
+        code, _, err = _run(
+            capsys, "-q", "dynamics", "predict", str(mdir), str(data), "--time", "2",
+            "-o", str(pred), "--method", "ode", "--n-particles", "1", "--extrapolate", mode,
+        )  # fmt: skip
+        assert code == 0, err
+        p = ad.read_h5ad(pred)
+        assert p.uns["dynamics_prediction"]["params"]["extrapolate"] == mode
+        expect = model.simulate(x0, 0.0, 2.0, extrapolate=mode).final[0]
+        np.testing.assert_allclose(p.obsm["X_pca"], expect, atol=1e-5)
+        ends[mode] = p.obsm["X_pca"]
+    assert np.abs(ends["rest"] - ends["continue"]).max() > 1e-3
+    code, _, err = _run(
+        capsys, "dynamics", "predict", str(mdir), str(data), "--time", "2",
+        "-o", str(pred), "--extrapolate", "drift",
+    )  # fmt: skip
+    assert code == 1 and "--extrapolate" in err
     # SDE, several particles per cell, a time between the data's
     code, _, err = _run(
         capsys,

@@ -863,6 +863,13 @@ def dynamics_predict(
     n_particles: Annotated[int, typer.Option(help="Particles per start cell.")] = 4,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the SDE noise.")] = 0,
+    extrapolate: Annotated[
+        str,
+        typer.Option(
+            help="Outside the training times: rest (zero drift and growth, diffusion only) "
+            "or continue (the last fields keep acting)."
+        ),
+    ] = "rest",
 ) -> None:
     """Push the cells of the first time point to --time; write particles and masses."""
     import chronotope as ct
@@ -871,6 +878,8 @@ def dynamics_predict(
         raise _CommandError(f"output {str(out)!r} must end in .h5ad")
     if method not in ("ode", "sde"):
         raise _CommandError(f"--method must be ode or sde, got {method!r}")
+    if extrapolate not in ("rest", "continue"):
+        raise _CommandError(f"--extrapolate must be rest or continue, got {extrapolate!r}")
     adata = read_input(data, check_nonnegative=False)
     pred = ct.tl.predict_dynamics(
         adata,
@@ -881,6 +890,7 @@ def dynamics_predict(
         n_particles=n_particles,
         seed=seed,
         device=None if device == "auto" else device,
+        extrapolate=extrapolate,  # type: ignore[arg-type]
     )
     write_output(pred, out)
     if _state["verbosity"] >= 0:

@@ -644,6 +644,7 @@ class DynamicsModel:
         t_eval: np.ndarray | list[float] | None = None,
         step_size: float | None = None,
         seed: int | None = 0,
+        extrapolate: Literal["rest", "continue"] = "rest",
     ) -> SimulationResult:
         """Push weighted particles from ``t0`` to ``t1`` (backward when ``t1 < t0``).
 
@@ -668,6 +669,16 @@ class DynamicsModel:
             Integration step in real time; default 1/100 of the training time span.
         seed
             Seed of the SDE noise.
+        extrapolate
+            What happens outside the training time range (past the last or before the
+            first training time). ``"rest"`` (default): zero drift and zero growth,
+            leaving only the diffusion. No snapshot constrains the dynamics there, and
+            the least-action solution of the regularised unbalanced OT problem without
+            an end constraint is that reference process (``docs/dynamics.md``). The ODE
+            then moves by the probability flow of that diffusion, ``-D * score`` at the
+            nearest training end. ``"continue"``: the fields at the nearest training end
+            go on acting (the last interval's drift and growth continue); this was the
+            behaviour before.
 
         Returns
         -------
@@ -676,6 +687,11 @@ class DynamicsModel:
         nets, frame = self._require_fit()
         if method not in ("ode", "sde"):
             raise ChronotopeInputError(f"method must be 'ode' or 'sde', got {method!r}.")
+        if extrapolate not in ("rest", "continue"):
+            raise ChronotopeInputError(
+                f"extrapolate must be 'rest' or 'continue', got {extrapolate!r}."
+            )
+        rest = extrapolate == "rest"
         x = self._points(x0)
         n = x.shape[0]
         if weights is None:
@@ -705,20 +721,30 @@ class DynamicsModel:
         diff_z = 0.5 * (float(self.sigma_) * math.sqrt(frame.t_span) / frame.scale) ** 2
         sig_z = math.sqrt(2.0 * diff_z)
         xs, ws, t_now = [], [], t0
+        t_lo, t_hi = frame.t_min, frame.t_min + frame.t_span
         for t_target in grid:
-            span = t_target - t_now
-            n_steps = math.ceil(abs(span) / h_real - 1e-9) if span != 0 else 0
-            if n_steps:
-                h = (span / n_steps) / frame.t_span
-                tau = frame.tau(t_now)
-                for _ in range(n_steps):
-                    if method == "ode":
-                        z, dlogw = self._rk4(nets, z, tau, h)
-                    else:
-                        z, dlogw = self._em(nets, z, tau, h, diff_z, sig_z, gen)
-                    logw = logw + dlogw.double()
-                    tau += h
-            t_now = float(t_target)
+            # steps never straddle an end of the training range: outside it the fields
+            # may change (extrapolate="rest")
+            cuts = [c for c in (t_lo, t_hi) if min(t_now, t_target) < c < max(t_now, t_target)]
+            stops = [*sorted(cuts, reverse=bool(t_target < t_now)), float(t_target)]
+            for t_stop in stops:
+                span = t_stop - t_now
+                n_steps = math.ceil(abs(span) / h_real - 1e-9) if span != 0 else 0
+                mid = frame.tau(t_now + 0.5 * span)
+                outside = rest and not 0.0 <= mid <= 1.0
+                if n_steps:
+                    h = (span / n_steps) / frame.t_span
+                    tau = frame.tau(t_now)
+                    for _ in range(n_steps):
+                        if method == "ode":
+                            z, dlogw = self._rk4(nets, z, tau, h, diff_z if outside else None)
+                        else:
+                            z, dlogw = self._em(
+                                nets, z, tau, h, diff_z, sig_z, gen, at_rest=outside
+                            )
+                        logw = logw + dlogw.double()
+                        tau += h
+                t_now = t_stop
             xs.append(frame.x(z.cpu().numpy().astype(np.float64)))
             wt = torch.exp(logw).masked_fill(zero, 0.0)
             ws.append(wt.cpu().numpy())
@@ -726,10 +752,16 @@ class DynamicsModel:
 
     @staticmethod
     def _rk4(
-        nets: _Networks, z: torch.Tensor, tau: float, h: float
+        nets: _Networks, z: torch.Tensor, tau: float, h: float, rest_diffusion: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One RK4 step; ``rest_diffusion`` (``D``): the zero-drift, zero-growth rest
+        process outside the training range, whose probability flow is ``-D * score``."""
+
         def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
             tt_t = torch.tensor([[_clamp_tau(tt)]], dtype=zz.dtype, device=zz.device)
+            if rest_diffusion is not None:
+                s = nets.score(zz, tt_t).detach()
+                return -rest_diffusion * s, torch.zeros_like(zz[:, 0])
             return nets.v(zz, tt_t), nets.g(zz, tt_t)
 
         with torch.no_grad():
@@ -749,12 +781,20 @@ class DynamicsModel:
         diff_z: float,
         sig_z: float,
         gen: torch.Generator,
+        *,
+        at_rest: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Euler-Maruyama step; ``at_rest``: zero drift (``v = -D * score``) and
+        zero growth (outside the training range with ``extrapolate="rest"``)."""
         tt = torch.tensor([[_clamp_tau(tau)]], dtype=z.dtype, device=z.device)
-        with torch.no_grad():
-            v = nets.v(z, tt)
-            g = nets.g(z, tt)
         s = nets.score(z, tt).detach()
+        if at_rest:
+            v = -diff_z * s
+            g = torch.zeros_like(z[:, 0])
+        else:
+            with torch.no_grad():
+                v = nets.v(z, tt)
+                g = nets.g(z, tt)
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
         z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise

@@ -884,6 +884,7 @@ def predict_dynamics(
     step_size: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
+    extrapolate: Literal["rest", "continue"] = "rest",
 ) -> AnnData:
     """Push the cells of the first time point to ``time``: weighted particles, a new AnnData.
 
@@ -894,7 +895,8 @@ def predict_dynamics(
     model
         A fitted model or the folder of a saved one.
     time
-        Target time; any value (past the last training time the model extrapolates).
+        Target time; any value (past the last training time the model extrapolates, see
+        ``extrapolate``).
     start_time
         Start time point (default: the first of the data).
     time_key
@@ -912,6 +914,11 @@ def predict_dynamics(
         Seed of the SDE noise.
     device
         Device for a model loaded from a folder.
+    extrapolate
+        Outside the training times: ``"rest"`` (default; zero drift and growth, the
+        diffusion goes on: the least-action continuation) or ``"continue"`` (the fields
+        at the last training time keep acting). See
+        :meth:`chronotope.dynamics.DynamicsModel.simulate`.
 
     Returns
     -------
@@ -935,10 +942,12 @@ def predict_dynamics(
     lo, hi = float(np.min(m.times_)), float(np.max(m.times_))
     if not lo - 1e-9 <= tv <= hi + 1e-9:
         logger.warning(
-            "predict_dynamics: time %g is outside the training times [%g, %g]; extrapolating.",
+            "predict_dynamics: time %g is outside the training times [%g, %g]; "
+            "extrapolating (%s).",
             tv,
             lo,
             hi,
+            extrapolate,
         )
     idx = np.flatnonzero(t == t0)
     x0 = np.repeat(x[idx], n_particles, axis=0)
@@ -950,6 +959,7 @@ def predict_dynamics(
         weights=np.full(x0.shape[0], 1.0 / x0.shape[0]),
         step_size=step_size,
         seed=seed,
+        extrapolate=extrapolate,
     )
     xp, wp = res.final
     names = np.repeat(np.asarray(adata.obs_names)[idx], n_particles)
@@ -973,6 +983,7 @@ def predict_dynamics(
             "method": method,
             "n_particles": int(n_particles),
             "seed": int(seed),
+            "extrapolate": extrapolate,
         },
         "total_mass": float(wp.sum()),
     }
