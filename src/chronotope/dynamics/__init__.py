@@ -7,12 +7,14 @@
   simulation-free (Brownian-bridge flow and score matching on the coupled pairs); weighted
   particle simulation forward and backward, ODE or SDE; ``save`` / ``load``.
 - :class:`GeneMap` -- the explicit linear map from the representation back to genes.
+- :class:`NeuralGeneMap` -- a user-supplied non-linear decoder (and optional encoder).
 """
 
 from __future__ import annotations
 
 from chronotope.dynamics._validate import check_snapshots
 from chronotope.dynamics.couplings import IntervalCoupling, SnapshotCouplings, snapshot_couplings
+from chronotope.dynamics.genemaps import NeuralGeneMap
 from chronotope.dynamics.model import DynamicsModel, DynamicsParams, GeneMap, SimulationResult
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "DynamicsParams",
     "GeneMap",
     "IntervalCoupling",
+    "NeuralGeneMap",
     "SimulationResult",
     "SnapshotCouplings",
     "check_snapshots",

@@ -72,6 +72,7 @@ from chronotope._errors import ChronotopeInputError
 from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
+from chronotope.dynamics.genemaps import NeuralGeneMap
 from chronotope.dynamics.paths import SplineMeans, linear_mass_rate
 from chronotope.parallel import Scheduler
 
@@ -357,7 +358,9 @@ class DynamicsModel:
         Name of the representation the model works in (an ``obsm`` key or ``"X"``);
         recorded and checked on :meth:`load`.
     gene_map
-        Optional linear map back to genes (e.g. PCA loadings).
+        Optional map back to genes: a linear :class:`GeneMap` (e.g. PCA loadings) or a
+        user-supplied non-linear :class:`~chronotope.dynamics.NeuralGeneMap` (decoder,
+        optional encoder).
     time_key
         Name of the time column the model was trained on (``obs`` key), recorded for
         readers of the saved model (e.g. the CLI's ``predict``).
@@ -378,7 +381,7 @@ class DynamicsModel:
         params: DynamicsParams | None = None,
         *,
         use_rep: str = "X",
-        gene_map: GeneMap | None = None,
+        gene_map: GeneMap | NeuralGeneMap | None = None,
         time_key: str | None = None,
         device: str | torch.device | None = "cpu",
         **overrides: object,
@@ -822,10 +825,16 @@ class DynamicsModel:
             "t_min": frame.t_min,
             "t_span": frame.t_span,
             "timings": self.timings_,
-            "has_gene_map": self.gene_map is not None,
+            "has_gene_map": isinstance(self.gene_map, GeneMap),
+            "neural_gene_map": isinstance(self.gene_map, NeuralGeneMap),
         }
         save_state_dict(nets, path / _WEIGHTS)
-        if self.gene_map is not None:
+        if isinstance(self.gene_map, NeuralGeneMap):
+            logger.warning(
+                "DynamicsModel.save: the NeuralGeneMap (user code) is not saved; pass it "
+                "again as DynamicsModel.load(..., gene_map=...)."
+            )
+        elif self.gene_map is not None:
             gm = self.gene_map
             arrays: dict[str, np.ndarray] = {"loadings": gm.loadings}
             if gm.center is not None:
@@ -846,6 +855,7 @@ class DynamicsModel:
         dim: int | None = None,
         use_rep: str | None = None,
         device: str | torch.device | None = "cpu",
+        gene_map: GeneMap | NeuralGeneMap | None = None,
     ) -> DynamicsModel:
         """Load a model saved by :meth:`save`.
 
@@ -859,6 +869,9 @@ class DynamicsModel:
             Representation of that data; must match the training representation.
         device
             Device for the weights.
+        gene_map
+            A gene map to attach instead of the saved one (the way back for a
+            :class:`~chronotope.dynamics.NeuralGeneMap`, which is not saved).
         """
         path = Path(path)
         for name in (_WEIGHTS, _CONFIG):
@@ -876,8 +889,16 @@ class DynamicsModel:
                 f"the model was trained in {cfg['dim']} dimensions ({cfg['use_rep']!r}); "
                 f"the data have {dim}."
             )
-        gene_map = None
-        if cfg.get("has_gene_map"):
+        if gene_map is not None and int(gene_map.dim) != int(cfg["dim"]):
+            raise ChronotopeInputError(
+                f"gene_map has {gene_map.dim} components but the model {cfg['dim']}."
+            )
+        if gene_map is None and cfg.get("neural_gene_map"):
+            logger.warning(
+                "DynamicsModel.load: the model was saved with a NeuralGeneMap, which is not "
+                "stored; pass gene_map= to use gene-space read-outs."
+            )
+        if gene_map is None and cfg.get("has_gene_map"):
             with np.load(path / _GENES, allow_pickle=False) as z:
                 gene_map = GeneMap(
                     z["loadings"],

@@ -21,6 +21,10 @@ PCA), the gene-space velocity is ``L v`` and its Jacobian with respect to genes 
 ``J_gene = L J P`` (``L J L^T`` for PCA), computed from the ``d x d`` cell average of
 ``J = dv/dx``; no per-cell ``G x G`` matrix is ever formed. ``J_gene[a, b] =
 d v_a / d gene_b``: gene ``b`` acting on the velocity of gene ``a`` (edge ``b -> a``).
+
+With a user-supplied non-linear :class:`~chronotope.dynamics.NeuralGeneMap` the same
+quantities use the chain rule per cell (``mean_c D_c J_c E_c``, see its module), which
+needs the cells (``x``, ``time``) and is computed for a chosen gene subset.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from chronotope._errors import ChronotopeInputError
+from chronotope.dynamics.genemaps import NeuralGeneMap
 from chronotope.dynamics.model import DynamicsModel, GeneMap, SimulationResult
 
 __all__ = [
@@ -143,7 +148,7 @@ def _bootstrap(
     return lo, hi
 
 
-def _gene_index(gm: GeneMap, gene: str | int) -> int:
+def _gene_index(gm: GeneMap | NeuralGeneMap, gene: str | int) -> int:
     if isinstance(gene, (int, np.integer)):
         if not 0 <= int(gene) < gm.n_genes:
             raise ChronotopeInputError(f"gene index {gene} out of range (0..{gm.n_genes - 1}).")
@@ -156,13 +161,67 @@ def _gene_index(gm: GeneMap, gene: str | int) -> int:
         raise ChronotopeInputError(f"gene {gene!r} is not in the model's gene map.") from None
 
 
-def _require_gene_map(model: DynamicsModel) -> GeneMap:
+def _require_gene_map(model: DynamicsModel) -> GeneMap | NeuralGeneMap:
     if model.gene_map is None:
         raise ChronotopeInputError(
             f"the model has no gene map (representation {model.use_rep!r}); fit it with a "
             "GeneMap (e.g. PCA loadings) to read out genes."
         )
     return model.gene_map
+
+
+def _growth_gradients(model: DynamicsModel, x: np.ndarray, time: float | np.ndarray):
+    """Chunks ``(rows, (c, d) growth gradients d g / d x)`` in representation units."""
+    nets, frame = model._require_fit()
+    x = model._points(x)
+    t = _times_per_cell(time, x.shape[0])
+    dev = model.device
+    for s in range(0, x.shape[0], _CHUNK):
+        z = torch.as_tensor(frame.z(x[s : s + _CHUNK]), dtype=torch.float32, device=dev)
+        tau = torch.as_tensor(
+            (t[s : s + _CHUNK] - frame.t_min) / frame.t_span, dtype=torch.float32, device=dev
+        )[:, None]
+        with torch.enable_grad():
+            z = z.requires_grad_(True)
+            (g,) = torch.autograd.grad(nets.g(z, tau).sum(), z)
+        yield slice(s, s + z.shape[0]), g.detach() / (frame.scale * frame.t_span)
+
+
+def _gene_velocity_jacobians(
+    model: DynamicsModel, gm: NeuralGeneMap, x: np.ndarray, time: float | np.ndarray
+):
+    """Chunks of ``(d u / d x, d x / d genes)`` per cell, float64 on the CPU.
+
+    ``u(x) = D(x) v(x)`` is the gene-space velocity (the decoder's Jacobian applied to
+    the velocity); its Jacobian ``(c, G, d)`` holds ``D J`` and the decoder's curvature
+    along the flow, by nested forward-mode differentiation. Times ``E`` it is the
+    Jacobian of the velocity with respect to genes on the decoder's manifold.
+    """
+    nets, frame = model._require_fit()
+    x = model._points(x)
+    t = _times_per_cell(time, x.shape[0])
+    dev = model.device
+    shift = torch.as_tensor(frame.shift, dtype=torch.float32, device=dev)
+    for s in range(0, x.shape[0], _CHUNK):
+        xc = torch.as_tensor(x[s : s + _CHUNK], dtype=torch.float32, device=dev)
+        tau = torch.as_tensor(
+            (t[s : s + _CHUNK] - frame.t_min) / frame.t_span, dtype=torch.float32, device=dev
+        )[:, None]
+
+        def u_of_x(xx: torch.Tensor, tau: torch.Tensor = tau) -> torch.Tensor:
+            v = nets.v((xx - shift) / frame.scale, tau) * (frame.scale / frame.t_span)
+            gx = xx.to(gm._dev, gm._dt)
+            return torch.func.jvp(gm.decoder, (gx,), (v.to(gm._dev, gm._dt),))[1]
+
+        cols = []
+        for k in range(xc.shape[1]):
+            e = torch.zeros_like(xc)
+            e[:, k] = 1.0
+            cols.append(torch.func.jvp(u_of_x, (xc,), (e,))[1].detach())
+        ju = torch.stack(cols, dim=2).double().cpu()
+        with torch.no_grad():
+            ec = gm.encoder_jacobian(xc).double().cpu()
+        yield ju, ec
 
 
 def _pinv(gm: GeneMap) -> np.ndarray:
@@ -551,7 +610,9 @@ def perturb_fate(
     The start cells are mapped to genes (``x L^T + c``), ``gene`` is set to ``value``
     (default: 0 for a knock-out, the highest level among the start cells for an
     over-expression), and the cells are re-projected by least squares, which moves them
-    by ``(value - gene) * P[:, gene]``. Both the original and the edited cells are then
+    by ``(value - gene) * P[:, gene]`` (a :class:`~chronotope.dynamics.NeuralGeneMap`:
+    decoded, edited and encoded, see :meth:`~chronotope.dynamics.NeuralGeneMap.edit_gene`).
+    Both the original and the edited cells are then
     pushed with the same noise (same ``seed``), so the shift is not simulation noise.
 
     Parameters
@@ -578,16 +639,24 @@ def perturb_fate(
         raise ChronotopeInputError(f"mode must be 'knockout' or 'overexpress', got {mode!r}.")
     x = model._points(x0)
     gi = _gene_index(gm, gene)
-    level = x @ gm.loadings[gi] + (0.0 if gm.center is None else gm.center[gi])
+    if isinstance(gm, NeuralGeneMap):
+        level = gm.gene_level(x, gi)
+    else:
+        level = x @ gm.loadings[gi] + (0.0 if gm.center is None else gm.center[gi])
     if value is None:
         value = 0.0 if mode == "knockout" else float(level.max())
     if not np.isfinite(value):
         raise ChronotopeInputError(f"value must be finite, got {value}.")
-    col = _pinv(gm)[:, gi]
     delta = float(value) - level
-    x_new = x + delta[:, None] * col[None, :]
+    if isinstance(gm, NeuralGeneMap):
+        x_new = gm.edit_gene(x, gi, float(value))
+        moved = gm.gene_level(x_new, gi) - level
+    else:
+        col = _pinv(gm)[:, gi]
+        x_new = x + delta[:, None] * col[None, :]
+        moved = (x_new - x) @ gm.loadings[gi]
     asked = np.abs(delta).sum()
-    achieved = float(np.abs((x_new - x) @ gm.loadings[gi]).sum() / asked) if asked > 0 else 1.0
+    achieved = float(np.abs(moved).sum() / asked) if asked > 0 else 1.0
     kw = {
         "n_particles": n_particles,
         "n_neighbors": n_neighbors,
@@ -665,7 +734,8 @@ def mean_jacobian(model: DynamicsModel, x: np.ndarray, time: float | np.ndarray)
     return _grad_rows(model, x, time, "v") / (n * frame.t_span)
 
 
-def _gene_subset(gm: GeneMap, genes: Sequence[str] | Sequence[int] | None) -> np.ndarray:
+def _gene_subset(
+    gm: GeneMap | NeuralGeneMap, genes: Sequence[str] | Sequence[int] | None) -> np.ndarray:
     if genes is None:
         return np.arange(gm.n_genes)
     idx = np.array([_gene_index(gm, g) for g in genes], dtype=np.int64)
@@ -676,9 +746,11 @@ def _gene_subset(gm: GeneMap, genes: Sequence[str] | Sequence[int] | None) -> np
 
 def gene_jacobian(
     model: DynamicsModel,
-    jacobian: np.ndarray,
+    jacobian: np.ndarray | None,
     *,
     genes: Sequence[str] | Sequence[int] | None = None,
+    x: np.ndarray | None = None,
+    time: float | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gene-space Jacobian ``L J P`` (``L J L^T`` for PCA loadings) on a set of genes.
 
@@ -688,8 +760,14 @@ def gene_jacobian(
         A model with a :class:`~chronotope.dynamics.GeneMap`.
     jacobian
         ``(d, d)`` cell-averaged Jacobian in the representation (:func:`mean_jacobian`).
+        Not used with a :class:`~chronotope.dynamics.NeuralGeneMap` (pass ``None``).
     genes
         Names or indices of the genes to keep (default: all; the result is ``G x G``).
+    x, time
+        The cells and their times; required with a
+        :class:`~chronotope.dynamics.NeuralGeneMap`, whose chain rule is per cell:
+        ``mean_c (d u / d x)_c E_c`` restricted to ``genes``, with ``u = D v`` the
+        gene-space velocity (``D_c J_c E_c`` plus the decoder's curvature along the flow).
 
     Returns
     -------
@@ -699,6 +777,17 @@ def gene_jacobian(
         ``(G', G')``, ``j_gene[a, b] = d v_a / d gene_b``.
     """
     gm = _require_gene_map(model)
+    if isinstance(gm, NeuralGeneMap):
+        if x is None or time is None:
+            raise ChronotopeInputError("a NeuralGeneMap needs the cells: pass x= and time=.")
+        idx = _gene_subset(gm, genes)
+        n = model._points(x).shape[0]
+        if n == 0:
+            raise ChronotopeInputError("no cells to average the Jacobian over.")
+        acc = np.zeros((idx.size, idx.size))
+        for ju, ec in _gene_velocity_jacobians(model, gm, x, time):
+            acc += torch.einsum("cgd,cdh->gh", ju[:, idx], ec[:, :, idx]).numpy()
+        return idx, acc / n
     j = np.asarray(jacobian, dtype=np.float64)
     if j.shape != (gm.dim, gm.dim):
         raise ChronotopeInputError(f"jacobian must be {gm.dim} x {gm.dim}, got {j.shape}.")
@@ -747,13 +836,25 @@ def growth_genes(
     grad_rep
         ``(d,)`` mean ``d g / d x`` (per unit time per representation unit).
     grad_genes
-        ``(G,)`` mean ``d g / d gene`` (``grad_rep @ P``; ``L grad_rep`` for PCA loadings).
+        ``(G,)`` mean ``d g / d gene`` (``grad_rep @ P``; ``L grad_rep`` for PCA loadings;
+        ``mean_c grad_c E_c`` for a :class:`~chronotope.dynamics.NeuralGeneMap`).
     """
     gm = _require_gene_map(model)
     frame = model._require_frame()
     n = model._points(x).shape[0]
     if n == 0:
         raise ChronotopeInputError("no cells to average the growth gradient over.")
+    if isinstance(gm, NeuralGeneMap):
+        grad_rep = np.zeros(gm.dim)
+        grad_genes = np.zeros(gm.n_genes)
+        for rows, gc in _growth_gradients(model, x, time):
+            xc = torch.as_tensor(np.asarray(x, dtype=np.float64)[rows])
+            with torch.no_grad():
+                ec = gm.encoder_jacobian(xc).double().cpu()
+            gc = gc.double().cpu()
+            grad_rep += gc.sum(0).numpy()
+            grad_genes += torch.einsum("cd,cdg->g", gc, ec).numpy()
+        return grad_rep / n, grad_genes / n
     # g_rep = g_net / t_span: dg/dx = dg_net/dz / (scale * t_span)
     grad = _grad_rows(model, x, time, "g") / (n * frame.scale * frame.t_span)
     return grad, grad @ _pinv(gm)
@@ -788,6 +889,8 @@ def time_correlated_genes(
     w = res.weights.reshape(-1)
     w = w / max(w.sum(), 1e-300)
     ts = np.repeat(res.times, n)
+    if isinstance(gm, NeuralGeneMap):
+        return _weighted_corr_decoded(gm, xs, w, ts)
     mx = w @ xs
     mt = float(w @ ts)
     xc = xs - mx
@@ -799,4 +902,27 @@ def time_correlated_genes(
     den = np.sqrt(np.maximum(var_g, 0.0) * var_t)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(den > 1e-12 * max(den.max(), 1e-300), num / den, 0.0)
+    return np.clip(r, -1.0, 1.0)
+
+
+def _weighted_corr_decoded(
+    gm: NeuralGeneMap, xs: np.ndarray, w: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """Weighted Pearson correlation of decoded genes with time, accumulated in chunks."""
+    mt = float(w @ ts)
+    tc = ts - mt
+    var_t = float(w @ tc**2)
+    s1 = np.zeros(gm.n_genes)
+    s2 = np.zeros(gm.n_genes)
+    st = np.zeros(gm.n_genes)
+    for s in range(0, xs.shape[0], 8192):
+        g = gm.to_genes(xs[s : s + 8192])
+        ws = w[s : s + 8192]
+        s1 += ws @ g
+        s2 += ws @ g**2
+        st += (ws * tc[s : s + 8192]) @ g
+    var_g = np.maximum(s2 - s1**2, 0.0)
+    den = np.sqrt(var_g * var_t)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(den > 1e-12 * max(den.max(), 1e-300), st / den, 0.0)
     return np.clip(r, -1.0, 1.0)

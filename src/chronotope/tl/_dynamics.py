@@ -21,6 +21,7 @@ import pandas as pd
 from chronotope._errors import ChronotopeInputError
 from chronotope.dynamics import readouts as ro
 from chronotope.dynamics._anndata import gene_map_from_adata, read_snapshots
+from chronotope.dynamics.genemaps import NeuralGeneMap
 from chronotope.dynamics.model import DynamicsModel, DynamicsParams, GeneMap
 from chronotope.parallel import Scheduler, check_scheduler, describe_scheduler
 
@@ -167,7 +168,7 @@ def fit_dynamics(
     use_rep: str = "X_pca",
     *,
     holdout: float | Sequence[float] | None = None,
-    gene_map: GeneMap | Literal["auto"] | None = "auto",
+    gene_map: GeneMap | NeuralGeneMap | Literal["auto"] | None = "auto",
     masses: Sequence[float] | None = None,
     growth_prior_key: str | None = None,
     params: DynamicsParams | None = None,
@@ -196,8 +197,9 @@ def fit_dynamics(
     holdout
         Time point(s) left out of training (matched to the data's times up to 1e-6).
     gene_map
-        Linear map back to genes; ``"auto"``: PCA loadings for ``"X_pca"`` (``varm["PCs"]``),
-        the identity for ``"X"``, none otherwise.
+        Map back to genes; ``"auto"``: PCA loadings for ``"X_pca"`` (``varm["PCs"]``),
+        the identity for ``"X"``, none otherwise. A user-supplied non-linear decoder
+        (e.g. of a VAE latent): a :class:`~chronotope.dynamics.NeuralGeneMap`.
     masses
         Relative population size per (training) time point (default: cell counts).
     growth_prior_key
@@ -763,18 +765,23 @@ def jacobian_grn(
     idx = _subsample(np.flatnonzero(_time_mask(t, times, time)), max_cells, seed)
     j = ro.mean_jacobian(m, x[idx], t[idx])
     names = np.asarray(_gene_names(m))
+    neural = isinstance(m.gene_map, NeuralGeneMap)
+    cells = {"x": x[idx], "time": t[idx]} if neural else {}
     if m.gene_map is None:
         if genes is not None:
             raise ChronotopeInputError("the model has no gene map; genes= cannot be used.")
         gidx, jg = np.arange(j.shape[0]), j
     else:
         if genes is None:
-            norm = np.linalg.norm(m.gene_map.loadings, axis=1)
+            if neural:
+                norm = m.gene_map.gene_scale(x[idx])
+            else:
+                norm = np.linalg.norm(m.gene_map.loadings, axis=1)
             keep = min(int(n_genes), int((norm > 0).sum()))
             sel = np.sort(np.argsort(-norm, kind="stable")[:keep])
-            gidx, jg = ro.gene_jacobian(m, j, genes=sel.tolist())
+            gidx, jg = ro.gene_jacobian(m, j, genes=sel.tolist(), **cells)
         else:
-            gidx, jg = ro.gene_jacobian(m, j, genes=list(genes))
+            gidx, jg = ro.gene_jacobian(m, j, genes=list(genes), **cells)
     sub = names[gidx]
     edges = ro.grn_edges(jg, sub, n_edges=n_edges)
     adata.uns[key_added] = {
