@@ -170,21 +170,33 @@ def _require_gene_map(model: DynamicsModel) -> GeneMap | NeuralGeneMap:
     return model.gene_map
 
 
-def _growth_gradients(model: DynamicsModel, x: np.ndarray, time: float | np.ndarray):
-    """Chunks ``(rows, (c, d) growth gradients d g / d x)`` in representation units."""
-    nets, frame = model._require_fit()
+def _chunks(
+    model: DynamicsModel, x: np.ndarray, time: float | np.ndarray, *, standardise: bool = True
+):
+    """``(rows, points, tau)`` per chunk of cells on the model's device (float32): points
+    standardised (``z``) or in representation units, ``tau`` the network time column."""
+    _, frame = model._require_fit()
     x = model._points(x)
     t = _times_per_cell(time, x.shape[0])
     dev = model.device
     for s in range(0, x.shape[0], _CHUNK):
-        z = torch.as_tensor(frame.z(x[s : s + _CHUNK]), dtype=torch.float32, device=dev)
-        tau = torch.as_tensor(
-            (t[s : s + _CHUNK] - frame.t_min) / frame.t_span, dtype=torch.float32, device=dev
-        )[:, None]
+        pts = frame.z(x[s : s + _CHUNK]) if standardise else x[s : s + _CHUNK]
+        tau = (t[s : s + _CHUNK] - frame.t_min) / frame.t_span
+        yield (
+            slice(s, s + pts.shape[0]),
+            torch.as_tensor(pts, dtype=torch.float32, device=dev),
+            torch.as_tensor(tau, dtype=torch.float32, device=dev)[:, None],
+        )
+
+
+def _growth_gradients(model: DynamicsModel, x: np.ndarray, time: float | np.ndarray):
+    """Chunks ``(rows, (c, d) growth gradients d g / d x)`` in representation units."""
+    nets, frame = model._require_fit()
+    for rows, z, tau in _chunks(model, x, time):
         with torch.enable_grad():
             z = z.requires_grad_(True)
             (g,) = torch.autograd.grad(nets.g(z, tau).sum(), z)
-        yield slice(s, s + z.shape[0]), g.detach() / (frame.scale * frame.t_span)
+        yield rows, g.detach() / (frame.scale * frame.t_span)
 
 
 def _gene_velocity_jacobians(
@@ -198,15 +210,8 @@ def _gene_velocity_jacobians(
     Jacobian of the velocity with respect to genes on the decoder's manifold.
     """
     nets, frame = model._require_fit()
-    x = model._points(x)
-    t = _times_per_cell(time, x.shape[0])
-    dev = model.device
-    shift = torch.as_tensor(frame.shift, dtype=torch.float32, device=dev)
-    for s in range(0, x.shape[0], _CHUNK):
-        xc = torch.as_tensor(x[s : s + _CHUNK], dtype=torch.float32, device=dev)
-        tau = torch.as_tensor(
-            (t[s : s + _CHUNK] - frame.t_min) / frame.t_span, dtype=torch.float32, device=dev
-        )[:, None]
+    shift = torch.as_tensor(frame.shift, dtype=torch.float32, device=model.device)
+    for _, xc, tau in _chunks(model, x, time, standardise=False):
 
         def u_of_x(xx: torch.Tensor, tau: torch.Tensor = tau) -> torch.Tensor:
             v = nets.v((xx - shift) / frame.scale, tau) * (frame.scale / frame.t_span)
@@ -685,17 +690,11 @@ def _grad_rows(
     model: DynamicsModel, x: np.ndarray, time: float | np.ndarray, what: str
 ) -> np.ndarray:
     """Cell-summed derivatives in standardised units: ``(d, d)`` for v, ``(d,)`` for g."""
-    nets, frame = model._require_fit()
-    x = model._points(x)
-    t = _times_per_cell(time, x.shape[0])
+    nets, _ = model._require_fit()
     dev = model.device
-    dim = x.shape[1]
+    dim = model._points(x).shape[1]
     acc = torch.zeros((dim, dim) if what == "v" else (dim,), dtype=torch.float64, device=dev)
-    for s in range(0, x.shape[0], _CHUNK):
-        z = torch.as_tensor(frame.z(x[s : s + _CHUNK]), dtype=torch.float32, device=dev)
-        tau = torch.as_tensor(
-            (t[s : s + _CHUNK] - frame.t_min) / frame.t_span, dtype=torch.float32, device=dev
-        )[:, None]
+    for _, z, tau in _chunks(model, x, time):
         with torch.enable_grad():
             z = z.requires_grad_(True)
             if what == "v":

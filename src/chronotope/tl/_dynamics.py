@@ -332,6 +332,26 @@ def _sta_times(
     return t0, t1
 
 
+def _forward_sta_inputs(
+    adata: AnnData,
+    model: ModelLike,
+    groupby: str,
+    start_time: float | None,
+    target_time: float | None,
+    time_key: str | None,
+    max_cells: int | None,
+    seed: int,
+) -> tuple[DynamicsModel, np.ndarray, str, float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """Model, cells, time key, start / target times, target mask, labels, start cells."""
+    m = _model(model)
+    x, t, times, tkey = _snapshots(adata, m, time_key)
+    t0, t1 = _sta_times(times, start_time, target_time)
+    ref_mask = t == t1
+    labels = _labels(adata, groupby, ref_mask)
+    idx = _subsample(np.flatnonzero(t == t0), max_cells, seed)
+    return m, x, tkey, t0, t1, ref_mask, labels, idx
+
+
 def fate(
     adata: AnnData,
     model: ModelLike,
@@ -384,12 +404,9 @@ def fate(
         ``obs[key_added]`` (most likely fate, categorical), ``obs[f"{key_added}_mass"]``,
         and ``uns[key_added]`` (``params``, ``classes``, ``distribution``).
     """
-    m = _model(model)
-    x, t, times, tkey = _snapshots(adata, m, time_key)
-    t0, t1 = _sta_times(times, start_time, target_time)
-    ref_mask = t == t1
-    labels = _labels(adata, groupby, ref_mask)
-    idx = _subsample(np.flatnonzero(t == t0), max_cells, seed)
+    m, x, tkey, t0, t1, ref_mask, labels, idx = _forward_sta_inputs(
+        adata, model, groupby, start_time, target_time, time_key, max_cells, seed
+    )
     res = ro.fate_probabilities(
         m,
         x[idx],
@@ -588,12 +605,9 @@ def perturb(
         fate probabilities; NaN elsewhere) and ``uns[key_added]`` (``params``,
         ``classes``, ``baseline``, ``perturbed``, ``shift``, ``value``, ``achieved``).
     """
-    m = _model(model)
-    x, t, times, tkey = _snapshots(adata, m, time_key)
-    t0, t1 = _sta_times(times, start_time, target_time)
-    ref_mask = t == t1
-    labels = _labels(adata, groupby, ref_mask)
-    idx = _subsample(np.flatnonzero(t == t0), max_cells, seed)
+    m, x, tkey, t0, t1, ref_mask, labels, idx = _forward_sta_inputs(
+        adata, model, groupby, start_time, target_time, time_key, max_cells, seed
+    )
     res = ro.perturb_fate(
         m,
         x[idx],
