@@ -118,25 +118,22 @@ class NeuralGeneMap:
         return t.detach().cpu().numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ maps
+    def _apply(self, fn: TensorFn, a: np.ndarray, width: int) -> np.ndarray:
+        """``fn`` on the rows of ``a`` in chunks, without gradients; ``(n, width)`` float64."""
+        a = np.asarray(a, dtype=np.float64)
+        with torch.no_grad():
+            out = [self._np(fn(self._t(a[s : s + _CHUNK]))) for s in range(0, a.shape[0], _CHUNK)]
+        return np.concatenate(out) if out else np.zeros((0, width))
+
     def to_genes(self, x: np.ndarray) -> np.ndarray:
         """Decode ``(n, d)`` points to ``(n, G)`` expression."""
-        x = np.asarray(x, dtype=np.float64)
-        out = []
-        with torch.no_grad():
-            for s in range(0, x.shape[0], _CHUNK):
-                out.append(self._np(self.decoder(self._t(x[s : s + _CHUNK]))))
-        return np.concatenate(out) if out else np.zeros((0, self.n_genes))
+        return self._apply(self.decoder, x, self.n_genes)
 
     def to_rep(self, genes: np.ndarray) -> np.ndarray:
         """Encode ``(n, G)`` expression (requires an encoder)."""
         if self.encoder is None:
             raise ChronotopeInputError("this NeuralGeneMap has no encoder; to_rep needs one.")
-        g = np.asarray(genes, dtype=np.float64)
-        out = []
-        with torch.no_grad():
-            for s in range(0, g.shape[0], _CHUNK):
-                out.append(self._np(self.encoder(self._t(g[s : s + _CHUNK]))))
-        return np.concatenate(out) if out else np.zeros((0, self.dim))
+        return self._apply(self.encoder, genes, self.dim)
 
     # ------------------------------------------------------------------ Jacobians
     def decoder_jacobian(self, x: torch.Tensor) -> torch.Tensor:
