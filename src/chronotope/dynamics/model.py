@@ -789,6 +789,9 @@ class DynamicsModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One Euler-Maruyama step; ``at_rest``: zero drift (``v = -D * score``) and
         zero growth (outside the training range with ``extrapolate="rest"``)."""
+        noise = torch.randn(z.shape, generator=gen).to(z.device)
+        if at_rest and h > 0:  # forward at rest: the drift v + D s is zero, noise only
+            return z + sig_z * math.sqrt(h) * noise, torch.zeros_like(z[:, 0])
         tt = torch.tensor([[_clamp_tau(tau)]], dtype=z.dtype, device=z.device)
         s = nets.score(z, tt).detach()
         if at_rest:
@@ -798,7 +801,6 @@ class DynamicsModel:
             with torch.no_grad():
                 v = nets.v(z, tt)
                 g = nets.g(z, tt)
-        noise = torch.randn(z.shape, generator=gen).to(z.device)
         # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
         z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise
         return z_new, h * g
