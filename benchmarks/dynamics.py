@@ -453,7 +453,7 @@ def run_case(
     method: str = "sde",
     ours: bool = True,
     particles: int = 4,
-    extrapolate: str = "rest",
+    extrapolate: tuple[str, ...] = ("landscape",),
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
 
@@ -472,24 +472,35 @@ def run_case(
         keep = t != held if held is not None else np.ones(t.size, bool)
         tic = time.perf_counter()
         if ours:
-            model = DynamicsModel(seed=seed, device=bench_device(), **params).fit(x[keep], t[keep])
+            # extrapolate="auto" backtests on the last training time point (one more fit)
+            auto = {"extrapolate": "auto"} if task == "extrap" and "auto" in extrapolate else {}
+            model = DynamicsModel(seed=seed, device=bench_device(), **params, **auto).fit(
+                x[keep], t[keep]
+            )
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()
             x0_rep = np.repeat(x0, particles, axis=0)  # particles per start cell
-            res = model.simulate(
-                x0_rep,
-                times[0],
-                max(targets),
-                method=method,
-                t_eval=targets,
-                seed=seed,
-                extrapolate=extrapolate,
-            )
-            sim_s = time.perf_counter() - tic
+            # the continuation matters only past the training range: one fit, each mode
+            modes = extrapolate if task == "extrap" else ("",)
+            sims = [
+                model.simulate(
+                    x0_rep,
+                    times[0],
+                    max(targets),
+                    method=method,
+                    t_eval=targets,
+                    seed=seed,
+                    # "auto" (and the other tasks): the model's own continuation
+                    extrapolate=None if mode in ("", "auto") else mode,  # type: ignore[arg-type]
+                )
+                for mode in modes
+            ]
+            sim_s = (time.perf_counter() - tic) / len(modes)
             timings = model.timings_
         else:  # peers only
             nan_x = np.full((len(targets), 1, x.shape[1]), np.nan)
-            res = SimulationResult(np.asarray(targets), nan_x, np.ones((len(targets), 1)))
+            modes = ("",)
+            sims = [SimulationResult(np.asarray(targets), nan_x, np.ones((len(targets), 1)))]
             fit_s = sim_s = float("nan")
             timings = {"couplings": float("nan"), "training": float("nan")}
         fitted_peers: dict[str, Any] = {}
@@ -501,7 +512,12 @@ def run_case(
             peer_pred[kind] = peer.simulate(x0, times[0], targets)
             peer.timings_["simulate"] = time.perf_counter() - tic
         train_times = np.unique(t[keep])
-        for i, (tk, xp, wp) in enumerate(zip(res.times, res.x, res.weights, strict=True)):
+        cases = [
+            (mode, i, tk, xp, wp)
+            for mode, res in zip(modes, sims, strict=True)
+            for i, (tk, xp, wp) in enumerate(zip(res.times, res.x, res.weights, strict=True))
+        ]
+        for mode, i, tk, xp, wp in cases:
             k = int(np.searchsorted(times, tk))
             target = subsample(x[t == tk], N_SUB, seed=2000 + k)
             tic = time.perf_counter()
@@ -525,7 +541,11 @@ def run_case(
                 "task": task,
                 "t": float(tk),
                 "seed": seed,
-                "extrapolate": extrapolate if held == times[-1] else "",
+                "extrapolate": mode,
+                "auto_choice": model.extrapolate_ if ours and mode == "auto" else "",
+                "backtest_s": model.timings_.get("extrapolation_backtest", float("nan"))
+                if ours
+                else float("nan"),
                 "w1": score,
                 "w1_pos": score_pos,
                 "previous": prev,
@@ -544,7 +564,8 @@ def run_case(
             peer_txt = "".join(f" | {kind} {peer_w1[kind]:.4f}" for kind in peers)
             print(
                 f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}"
-                f"{' ' + extrapolate if task == 'extrap' else ''}: W1 {score:.4f} "
+                f"{' ' + mode if mode else ''}"
+                f"{' -> ' + model.extrapolate_ if ours and mode == 'auto' else ''}: W1 {score:.4f} "
                 f"(positions only {score_pos:.4f}) | "
                 f"previous {prev:.4f} | McCann {mc:.4f}{peer_txt} | mass err "
                 f"{row['mass_err']:.3f} (peers {row['peer_mass_err']:.3f}) | couplings "
@@ -570,10 +591,13 @@ def summarise(rows: list[dict[str, object]], truths: list[dict[str, object]]) ->
     if not rows:
         return
     df = pd.DataFrame(rows)
-    names = ("w1", "w1_pos", "previous", "mccann", *PEERS, "mass_err", "fit_s")
+    if "extrapolate" not in df:
+        df["extrapolate"] = ""
+    df["extrapolate"] = df["extrapolate"].fillna("")
+    names = ("w1", "w1_pos", "previous", "mccann", *PEERS, "mass_err", "fit_s", "backtest_s")
     cols = [c for c in names if c in df]
     print("\nsummary: W1 mean ± sd over training seeds (n = seeds)")
-    for (ds, task, tk), g in df.groupby(["dataset", "task", "t"], sort=False):
+    for (ds, task, tk, mode), g in df.groupby(["dataset", "task", "t", "extrapolate"], sort=False):
         parts = []
         for c in cols:
             vals = g[c].to_numpy(np.float64)
@@ -588,7 +612,11 @@ def summarise(rows: list[dict[str, object]], truths: list[dict[str, object]]) ->
             for tool, vals in pub.items()
             if (task, float(tk)) in vals
         )
-        print(f"  {ds:16s} {task:6s} t={tk:g}: " + " | ".join(parts) + pub_txt)
+        if mode == "auto" and "auto_choice" in g:
+            picks = g["auto_choice"].value_counts()
+            pub_txt = " | chose " + ", ".join(f"{k} x{v}" for k, v in picks.items()) + pub_txt
+        label = f"{task} {mode}" if mode else task
+        print(f"  {ds:16s} {label:16s} t={tk:g}: " + " | ".join(parts) + pub_txt)
     if truths:
         tf = pd.DataFrame(truths)
         print("\ntruth read-outs (mean ± sd over seeds)")
@@ -619,10 +647,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--extrapolate",
-        default="rest",
-        choices=["rest", "continue"],
-        help="ours past the last training time (DynamicsModel.simulate): rest (default) "
-        "or continue (the last fields keep acting; the behaviour before)",
+        default="landscape",
+        help="ours past the last training time (DynamicsModel.simulate): comma list of "
+        "landscape (default), rest, continue, auto (the model backtests on its last "
+        "training time point; one more fit); one fit, one simulation per mode",
     )
     ap.add_argument("--n-steps", type=int, default=None, help="override DynamicsParams.n_steps")
     ap.add_argument("--epsilon", type=float, default=None, help="override DynamicsParams.epsilon")
@@ -685,6 +713,12 @@ def main() -> None:
             datasets = "misa,deepruot_emt"
         if args.tasks == "all,loo,extrap":
             tasks = "all"
+    from chronotope.dynamics.model import EXTRAPOLATE_MODES
+
+    modes = tuple(m for m in args.extrapolate.split(",") if m)
+    for m in modes:
+        if m not in (*EXTRAPOLATE_MODES, "auto"):
+            ap.error(f"unknown --extrapolate {m!r}; use {', '.join(EXTRAPOLATE_MODES)} or auto")
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     for p in peers:
         if p not in PEERS:
@@ -718,7 +752,7 @@ def main() -> None:
                     method=args.method,
                     ours=not args.no_ours,
                     particles=args.particles,
-                    extrapolate=args.extrapolate,
+                    extrapolate=modes,
                 )
                 rows += r
                 truths += tr

@@ -67,7 +67,7 @@ def test_fields_are_held_at_the_ends_of_the_training_range(drift_model) -> None:
 
 
 def test_rest_extrapolation_stops_drift_and_growth(drift_model) -> None:
-    """Default ``extrapolate="rest"``: past the training range only the diffusion acts."""
+    """``extrapolate="rest"``: past the training range only the diffusion acts."""
     model, x, t = drift_model
     x2 = x[t == 2]
     for method in ("ode", "sde"):
@@ -90,6 +90,31 @@ def test_rest_extrapolation_stops_drift_and_growth(drift_model) -> None:
     np.testing.assert_allclose(back.x[-1].mean(0), x[t == 0].mean(0), atol=0.05)
     with pytest.raises(ChronotopeInputError, match="extrapolate"):
         model.simulate(x2, 2.0, 3.0, extrapolate="drift")
+
+
+def test_landscape_extrapolation_freezes_the_last_marginal(drift_model) -> None:
+    """Default ``extrapolate="landscape"``: no transport, no growth, Langevin in U(., t_end)."""
+    model, x, t = drift_model
+    x2 = x[t == 2]
+    # the probability flow of a stationary Langevin dynamics does not move
+    ode = model.simulate(x2, 2.0, 4.0, method="ode")
+    np.testing.assert_array_equal(ode.x[-1], ode.x[0])
+    np.testing.assert_array_equal(ode.weights[-1], ode.weights[0])
+    default = model.simulate(x2, 2.0, 4.0, method="sde", seed=0)
+    land = model.simulate(x2, 2.0, 22.0, method="sde", seed=0, extrapolate="landscape")
+    rest = model.simulate(x2, 2.0, 22.0, method="sde", seed=0, extrapolate="rest")
+    assert not np.array_equal(default.x[-1], default.x[0])  # the SDE does move particles
+    np.testing.assert_allclose(land.weights[-1], land.weights[0], rtol=1e-6)
+    # twenty time units of diffusion later the cloud keeps its place and its shape ...
+    np.testing.assert_allclose(land.x[-1].mean(0), x2.mean(0), atol=0.2)  # a small model
+    np.testing.assert_allclose(land.x[-1].std(0), x2.std(0), atol=0.1)
+    # ... while the reference process spreads it by about 20 sigma^2 per axis
+    grow = rest.x[-1].var(0) - land.x[-1].var(0)
+    assert (grow > 0.5 * 20 * model.sigma_**2).all()
+    # backward before the first time point: the same Langevin dynamics
+    back = model.simulate(x[t == 0], 0.0, -5.0, method="sde", seed=1)
+    np.testing.assert_allclose(back.x[-1].mean(0), x[t == 0].mean(0), atol=0.2)
+    np.testing.assert_allclose(back.x[-1].std(0), x[t == 0].std(0), atol=0.1)
 
 
 def test_score_is_gradient_of_learned_potential(drift_model) -> None:

@@ -205,10 +205,10 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     assert np.isfinite(p.obsm["X_pca"]).all() and (p.obs["weight"] > 0).all()
     expect = model.simulate(a.obsm["X_pca"][a.obs["time"] == 0], 0.0, 0.5).final[0]
     np.testing.assert_allclose(p.obsm["X_pca"], expect, atol=1e-5)
-    # past the last training time (1.25): --extrapolate rest (default) or continue
+    # past the last training time (1.25): --extrapolate landscape (default), rest, continue
     x0 = a.obsm["X_pca"][a.obs["time"] == 0]
     ends = {}
-    for mode in ("rest", "continue"):
+    for mode in ("landscape", "rest", "continue"):
         code, _, err = _run(
             capsys, "-q", "dynamics", "predict", str(mdir), str(data), "--time", "2",
             "-o", str(pred), "--method", "ode", "--n-particles", "1", "--extrapolate", mode,
@@ -220,6 +220,24 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
         np.testing.assert_allclose(p.obsm["X_pca"], expect, atol=1e-5)
         ends[mode] = p.obsm["X_pca"]
     assert np.abs(ends["rest"] - ends["continue"]).max() > 1e-3
+    assert np.abs(ends["landscape"] - ends["rest"]).max() > 1e-3
+    # without --extrapolate, predict uses the model's own (fit default: landscape)
+    code, _, err = _run(
+        capsys, "-q", "dynamics", "predict", str(mdir), str(data), "--time", "2",
+        "-o", str(pred), "--method", "ode", "--n-particles", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    p = ad.read_h5ad(pred)
+    assert p.uns["dynamics_prediction"]["params"]["extrapolate"] == "landscape"
+    np.testing.assert_allclose(p.obsm["X_pca"], ends["landscape"], atol=1e-6)
+    code, _, err = _run(
+        capsys, "dynamics", "fit", str(data), "--use-rep", "X_pca", "-o",
+        str(tmp_path / "bad"), "--extrapolate", "drift",
+    )  # fmt: skip
+    assert code == 1 and "extrapolate" in err
+    # landscape, probability flow: the particles stop at the last training time
+    at_end = model.simulate(x0, 0.0, 1.25).final[0]
+    np.testing.assert_allclose(ends["landscape"], at_end, atol=1e-5)
     code, _, err = _run(
         capsys, "dynamics", "predict", str(mdir), str(data), "--time", "2",
         "-o", str(pred), "--extrapolate", "drift",

@@ -808,6 +808,14 @@ def dynamics_fit(
     growth_prior_key: Annotated[
         str | None, typer.Option(help="obs column with a prior growth rate per cell.")
     ] = None,
+    extrapolate: Annotated[
+        str,
+        typer.Option(
+            help="The model's continuation past its training times: landscape, rest, "
+            "continue, or auto (chosen by backtesting on the last training time point; "
+            "one more fit)."
+        ),
+    ] = "landscape",
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
@@ -833,6 +841,7 @@ def dynamics_fit(
         n_steps=n_steps,
         sigma=sigma,
         epsilon=epsilon,
+        extrapolate=extrapolate,
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,
@@ -846,7 +855,8 @@ def dynamics_fit(
         typer.echo(
             f"wrote {out}: {use_rep} ({model.dim}-D), times "
             f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
-            f"sigma {rec['sigma']:.3g}, {rec['seconds']:.1f} s"
+            f"sigma {rec['sigma']:.3g}, extrapolation {model.extrapolate_}, "
+            f"{rec['seconds']:.1f} s"
         )
 
 
@@ -866,10 +876,12 @@ def dynamics_predict(
     extrapolate: Annotated[
         str,
         typer.Option(
-            help="Outside the training times: rest (zero drift and growth, diffusion only) "
-            "or continue (the last fields keep acting)."
+            help="Outside the training times: the model's own continuation (default; set "
+            "by 'dynamics fit --extrapolate'), or landscape (no transport or growth; cells "
+            "diffuse in the landscape frozen at the last training time), rest (zero drift "
+            "and growth, diffusion only), continue (the last fields keep acting)."
         ),
-    ] = "rest",
+    ] = "model",
 ) -> None:
     """Push the cells of the first time point to --time; write particles and masses."""
     import chronotope as ct
@@ -878,8 +890,13 @@ def dynamics_predict(
         raise _CommandError(f"output {str(out)!r} must end in .h5ad")
     if method not in ("ode", "sde"):
         raise _CommandError(f"--method must be ode or sde, got {method!r}")
-    if extrapolate not in ("rest", "continue"):
-        raise _CommandError(f"--extrapolate must be rest or continue, got {extrapolate!r}")
+    from chronotope.dynamics.model import EXTRAPOLATE_MODES
+
+    if extrapolate not in (*EXTRAPOLATE_MODES, "model"):
+        raise _CommandError(
+            f"--extrapolate must be model or one of {', '.join(EXTRAPOLATE_MODES)}, got "
+            f"{extrapolate!r}"
+        )
     adata = read_input(data, check_nonnegative=False)
     pred = ct.tl.predict_dynamics(
         adata,
@@ -890,7 +907,7 @@ def dynamics_predict(
         n_particles=n_particles,
         seed=seed,
         device=None if device == "auto" else device,
-        extrapolate=extrapolate,  # type: ignore[arg-type]
+        extrapolate=None if extrapolate == "model" else extrapolate,  # type: ignore[arg-type]
     )
     write_output(pred, out)
     if _state["verbosity"] >= 0:

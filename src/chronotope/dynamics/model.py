@@ -76,7 +76,16 @@ from chronotope.dynamics.genemaps import NeuralGeneMap
 from chronotope.dynamics.paths import SplineMeans, linear_mass_rate
 from chronotope.parallel import Scheduler
 
-__all__ = ["DynamicsModel", "DynamicsParams", "GeneMap", "SimulationResult"]
+__all__ = [
+    "EXTRAPOLATE_MODES",
+    "DynamicsModel",
+    "DynamicsParams",
+    "GeneMap",
+    "SimulationResult",
+]
+
+#: Continuations outside the training time range (``DynamicsModel.simulate``).
+EXTRAPOLATE_MODES = ("landscape", "rest", "continue")
 
 logger = logging.getLogger("chronotope")
 
@@ -137,6 +146,13 @@ class DynamicsParams:
         so the growth target at bridge time ``s`` is ``(rho - 1) / (dt (1 + s (rho - 1)))``
         with ``rho = r / c``; ``"exponential"``, a constant rate ``log(rho) / dt`` over the
         interval (the behaviour before). Both give the same mass at the interval's ends.
+    extrapolate
+        The model's continuation outside the training times (the default of
+        :meth:`DynamicsModel.simulate`): ``"landscape"`` (default), ``"rest"``,
+        ``"continue"``, or ``"auto"``: chosen during ``fit`` by
+        :func:`~chronotope.dynamics.extrapolation.backtest_extrapolation` (the last
+        training time point held out and predicted under each; one more fit, on one time
+        point fewer; ``"landscape"`` with fewer than three time points).
     """
 
     hidden: int = 128
@@ -157,8 +173,14 @@ class DynamicsParams:
     seed: int = 0
     paths: str = "spline"
     growth_path: str = "linear"
+    extrapolate: str = "landscape"
 
     def __post_init__(self) -> None:
+        if self.extrapolate not in (*EXTRAPOLATE_MODES, "auto"):
+            raise ChronotopeInputError(
+                f"extrapolate must be one of {', '.join(EXTRAPOLATE_MODES)} or auto, got "
+                f"{self.extrapolate!r}."
+            )
         if self.growth_path not in ("linear", "exponential"):
             raise ChronotopeInputError(
                 f"growth_path must be 'linear' or 'exponential', got {self.growth_path!r}."
@@ -400,6 +422,8 @@ class DynamicsModel:
         self.couplings_: SnapshotCouplings | None = None
         self.history_: dict[str, np.ndarray] = {}
         self.timings_: dict[str, float] = {}
+        self.extrapolate_: str = "landscape"
+        self.extrapolation_scores_: dict[str, float] = {}
         self._frame: _Frame | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -475,7 +499,43 @@ class DynamicsModel:
         self.couplings_ = cpl
         self._train(frame.z(x), cpl, progress)
         self.timings_["training"] = _time.perf_counter() - tic
+        self._choose_extrapolation(x, t, times, masses, growth_prior, scheduler)
         return self
+
+    def _choose_extrapolation(
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        times: np.ndarray,
+        masses: np.ndarray | list[float] | None,
+        growth_prior: np.ndarray | None,
+        scheduler: Scheduler,
+    ) -> None:
+        self.extrapolation_scores_ = {}
+        if self.params.extrapolate != "auto":
+            self.extrapolate_ = self.params.extrapolate
+            return
+        if times.size < 3:
+            logger.warning(
+                "extrapolate='auto' needs three or more time points to backtest; "
+                "using 'landscape'."
+            )
+            self.extrapolate_ = "landscape"
+            return
+        from chronotope.dynamics.extrapolation import backtest_extrapolation
+
+        bt = backtest_extrapolation(
+            x,
+            t,
+            params=self.params,
+            masses=masses,
+            growth_prior=growth_prior,
+            device=self.device,
+            scheduler=scheduler,
+        )
+        self.extrapolate_ = bt.choice
+        self.extrapolation_scores_ = dict(bt.scores)
+        self.timings_["extrapolation_backtest"] = bt.seconds
 
     def _train(self, z_np: np.ndarray, cpl: SnapshotCouplings, progress: bool) -> None:
         p, frame, dev = self.params, self._require_frame(), self.device
@@ -647,7 +707,7 @@ class DynamicsModel:
         t_eval: np.ndarray | list[float] | None = None,
         step_size: float | None = None,
         seed: int | None = 0,
-        extrapolate: Literal["rest", "continue"] = "rest",
+        extrapolate: Literal["landscape", "rest", "continue"] | None = None,
     ) -> SimulationResult:
         """Push weighted particles from ``t0`` to ``t1`` (backward when ``t1 < t0``).
 
@@ -674,14 +734,20 @@ class DynamicsModel:
             Seed of the SDE noise.
         extrapolate
             What happens outside the training time range (past the last or before the
-            first training time). ``"rest"`` (default): zero drift and zero growth,
-            leaving only the diffusion. No snapshot constrains the dynamics there, and
-            the least-action solution of the regularised unbalanced OT problem without
-            an end constraint is that reference process (``docs/dynamics.md``). The ODE
-            then moves by the probability flow of that diffusion, ``-D * score`` at the
-            nearest training end. ``"continue"``: the fields at the nearest training end
-            go on acting (the last interval's drift and growth continue); this was the
-            behaviour before.
+            first training time), where no snapshot constrains the dynamics; growth is
+            zero in the first two modes. ``None`` (default): the model's own,
+            ``extrapolate_`` (``DynamicsParams.extrapolate``, or the winner of the
+            backtest with ``"auto"``). ``"landscape"``: the landscape is
+            frozen at the nearest training end and cells stop being transported
+            (``v = 0``) but keep diffusing in it: the SDE is the Langevin dynamics
+            ``dX = D * score(X, t_end) dt + sigma dW``, for which ``p_{t_end}`` is
+            stationary, and the ODE (its probability flow) leaves particles in place.
+            ``"rest"``: zero drift, diffusion only (the reference process of the
+            regularised unbalanced OT problem, its least-action solution without an end
+            constraint; cells spread without bound); the ODE then moves by ``-D *
+            score``. ``"continue"``: the fields at the nearest training end go on
+            acting (drift and growth of the last interval). ``docs/dynamics.md``
+            compares the three.
 
         Returns
         -------
@@ -690,11 +756,12 @@ class DynamicsModel:
         nets, frame = self._require_fit()
         if method not in ("ode", "sde"):
             raise ChronotopeInputError(f"method must be 'ode' or 'sde', got {method!r}.")
-        if extrapolate not in ("rest", "continue"):
+        if extrapolate is None:
+            extrapolate = self.extrapolate_  # type: ignore[assignment]
+        if extrapolate not in EXTRAPOLATE_MODES:
             raise ChronotopeInputError(
-                f"extrapolate must be 'rest' or 'continue', got {extrapolate!r}."
+                f"extrapolate must be one of {', '.join(EXTRAPOLATE_MODES)}, got {extrapolate!r}."
             )
-        rest = extrapolate == "rest"
         x = self._points(x0)
         n = x.shape[0]
         if weights is None:
@@ -727,24 +794,26 @@ class DynamicsModel:
         t_lo, t_hi = frame.t_min, frame.t_min + frame.t_span
         for t_target in grid:
             # steps never straddle an end of the training range: outside it the fields
-            # may change (extrapolate="rest")
+            # may change (extrapolate)
             cuts = [c for c in (t_lo, t_hi) if min(t_now, t_target) < c < max(t_now, t_target)]
             stops = [*sorted(cuts, reverse=bool(t_target < t_now)), float(t_target)]
             for t_stop in stops:
                 span = t_stop - t_now
                 n_steps = math.ceil(abs(span) / h_real - 1e-9) if span != 0 else 0
                 mid = frame.tau(t_now + 0.5 * span)
-                outside = rest and not 0.0 <= mid <= 1.0
+                mode = extrapolate if not 0.0 <= mid <= 1.0 else "continue"
+                if mode == "landscape" and method == "ode":
+                    n_steps = 0  # the probability flow of a stationary Langevin: no motion
                 if n_steps:
                     h = (span / n_steps) / frame.t_span
                     tau = frame.tau(t_now)
                     for _ in range(n_steps):
                         if method == "ode":
-                            z, dlogw = self._rk4(nets, z, tau, h, diff_z if outside else None)
-                        else:
-                            z, dlogw = self._em(
-                                nets, z, tau, h, diff_z, sig_z, gen, at_rest=outside
+                            z, dlogw = self._rk4(
+                                nets, z, tau, h, diff_z if mode == "rest" else None
                             )
+                        else:
+                            z, dlogw = self._em(nets, z, tau, h, diff_z, sig_z, gen, mode=mode)
                         logw = logw + dlogw.double()
                         tau += h
                 t_now = t_stop
@@ -785,17 +854,19 @@ class DynamicsModel:
         sig_z: float,
         gen: torch.Generator,
         *,
-        at_rest: bool = False,
+        mode: str = "continue",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Euler-Maruyama step; ``at_rest``: zero drift (``v = -D * score``) and
-        zero growth (outside the training range with ``extrapolate="rest"``)."""
+        """One Euler-Maruyama step. ``mode`` (outside the training range): ``"rest"``,
+        zero drift (``v = -D * score``) and zero growth; ``"landscape"``, zero velocity
+        and growth, the score of the nearest training end (Langevin in the frozen
+        landscape, the same in both time directions); ``"continue"``: the fields."""
         noise = torch.randn(z.shape, generator=gen).to(z.device)
-        if at_rest and h > 0:  # forward at rest: the drift v + D s is zero, noise only
+        if mode == "rest" and h > 0:  # forward at rest: the drift v + D s is zero, noise only
             return z + sig_z * math.sqrt(h) * noise, torch.zeros_like(z[:, 0])
         tt = torch.tensor([[_clamp_tau(tau)]], dtype=z.dtype, device=z.device)
         s = nets.score(z, tt).detach()
-        if at_rest:
-            v = -diff_z * s
+        if mode in ("rest", "landscape"):
+            v = -diff_z * s if mode == "rest" else torch.zeros_like(z)
             g = torch.zeros_like(z[:, 0])
         else:
             with torch.no_grad():
@@ -827,6 +898,8 @@ class DynamicsModel:
             "t_min": frame.t_min,
             "t_span": frame.t_span,
             "timings": self.timings_,
+            "extrapolate": self.extrapolate_,
+            "extrapolation_scores": self.extrapolation_scores_,
             "has_gene_map": isinstance(self.gene_map, GeneMap),
             "neural_gene_map": isinstance(self.gene_map, NeuralGeneMap),
         }
@@ -923,6 +996,8 @@ class DynamicsModel:
         model.times_ = np.asarray(cfg["times"])
         model.masses_ = np.asarray(cfg["masses"])
         model.timings_ = dict(cfg.get("timings", {}))
+        model.extrapolate_ = str(cfg.get("extrapolate", "landscape"))
+        model.extrapolation_scores_ = dict(cfg.get("extrapolation_scores", {}))
         model._frame = _Frame(
             np.asarray(cfg["shift"]), float(cfg["scale"]), cfg["t_min"], cfg["t_span"]
         )

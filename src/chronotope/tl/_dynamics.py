@@ -176,6 +176,7 @@ def fit_dynamics(
     sigma: float | None = None,
     epsilon: float | None = None,
     tau_a: float | None = None,
+    extrapolate: str | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -209,6 +210,10 @@ def fit_dynamics(
         ``sigma``, ``epsilon``, ``tau_a`` and ``seed`` override single fields.
     n_steps, sigma, epsilon, tau_a, seed
         See :class:`~chronotope.dynamics.DynamicsParams`.
+    extrapolate
+        The model's continuation past its training times (``DynamicsParams.extrapolate``):
+        ``"landscape"`` (default), ``"rest"``, ``"continue"`` or ``"auto"`` (chosen by
+        backtesting on the last training time point; one more fit).
     finetune_steps
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
@@ -245,7 +250,13 @@ def fit_dynamics(
     base = params or DynamicsParams()
     over = {
         k: v
-        for k, v in {"n_steps": n_steps, "sigma": sigma, "epsilon": epsilon, "tau_a": tau_a}.items()
+        for k, v in {
+            "n_steps": n_steps,
+            "sigma": sigma,
+            "epsilon": epsilon,
+            "tau_a": tau_a,
+            "extrapolate": extrapolate,
+        }.items()
         if v is not None
     }
     over["seed"] = int(seed)
@@ -308,6 +319,8 @@ def fit_dynamics(
         "times": np.asarray(model.times_, dtype=np.float64),
         "masses": np.asarray(model.masses_, dtype=np.float64),
         "timings": {k: float(v) for k, v in model.timings_.items()},
+        "extrapolate": model.extrapolate_,
+        "extrapolation_scores": {k: float(v) for k, v in model.extrapolation_scores_.items()},
         "loss": np.asarray(model.history_.get("loss", []), dtype=np.float32),
         "velocity_key": vkey,
         "seconds": float(_time.perf_counter() - tic),
@@ -905,7 +918,7 @@ def predict_dynamics(
     step_size: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
-    extrapolate: Literal["rest", "continue"] = "rest",
+    extrapolate: Literal["landscape", "rest", "continue"] | None = None,
 ) -> AnnData:
     """Push the cells of the first time point to ``time``: weighted particles, a new AnnData.
 
@@ -936,10 +949,12 @@ def predict_dynamics(
     device
         Device for a model loaded from a folder.
     extrapolate
-        Outside the training times: ``"rest"`` (default; zero drift and growth, the
-        diffusion goes on: the least-action continuation) or ``"continue"`` (the fields
-        at the last training time keep acting). See
-        :meth:`chronotope.dynamics.DynamicsModel.simulate`.
+        Outside the training times: ``None`` (default), the model's own continuation
+        (``model.extrapolate_``, set at fit time); ``"landscape"`` (no transport and no
+        growth, cells diffuse in the landscape frozen at the training end, so its
+        marginal stays), ``"rest"`` (zero drift and growth: diffusion only, the cloud
+        spreads) or ``"continue"`` (the fields at the last training time keep acting).
+        See :meth:`chronotope.dynamics.DynamicsModel.simulate`.
 
     Returns
     -------
@@ -953,6 +968,7 @@ def predict_dynamics(
     from anndata import AnnData
 
     m = _model(model, device)
+    extrapolate = extrapolate or m.extrapolate_  # type: ignore[assignment]
     x, t, times, tkey = _snapshots(adata, m, time_key)
     t0 = float(times[0]) if start_time is None else match_time(times, start_time, "start_time")
     tv = float(time)

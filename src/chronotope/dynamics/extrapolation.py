@@ -1,0 +1,198 @@
+r"""Choose how a dynamics model continues past its data, by backtesting on the training data.
+
+No snapshot constrains the dynamics outside the training times, so what a model does there
+(:meth:`~chronotope.dynamics.DynamicsModel.simulate`, ``extrapolate=``) is a modelling
+choice, and the right one depends on the system: a process that keeps moving in the same
+direction is extrapolated best by its last fields (``"continue"``), one that settles by
+the landscape frozen at the last time (``"landscape"``), one that spreads by the diffusion
+alone (``"rest"``). :func:`backtest_extrapolation` makes the choice from the training data
+only, the way a forecaster is validated: the last training time point is held out, a model
+with the same hyperparameters is fitted to the earlier ones, the cells of the first time
+point are pushed to the held-out time under each continuation, and the continuation whose
+prediction is closest to the held-out cells wins.
+
+Closeness is the debiased Sinkhorn divergence with the Euclidean cost (an entropic
+estimate of the W1 distance, :mod:`chronotope.ot`) between the predicted weighted particles
+(masses normalised) and the held-out cells, both subsampled to at most ``n_sub`` points, so
+the cost never grows with the square of the data.
+
+``DynamicsModel(extrapolate="auto")`` runs this during ``fit`` (one more fit, on one time
+point fewer) and keeps the winner as the model's default continuation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time as _time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from chronotope._errors import ChronotopeInputError
+from chronotope.dynamics.model import EXTRAPOLATE_MODES, DynamicsModel, DynamicsParams
+
+__all__ = ["ExtrapolationBacktest", "backtest_extrapolation", "divergence_w1"]
+
+logger = logging.getLogger("chronotope")
+
+
+@dataclass(frozen=True)
+class ExtrapolationBacktest:
+    """Result of :func:`backtest_extrapolation`.
+
+    Attributes
+    ----------
+    choice
+        The continuation with the smallest divergence.
+    scores
+        Divergence (representation units, ~W1) per continuation tried.
+    held_time
+        The training time point that was held out and predicted.
+    seconds
+        Wall time of the backtest (fit and simulations).
+    """
+
+    choice: str
+    scores: dict[str, float] = field(default_factory=dict)
+    held_time: float = float("nan")
+    seconds: float = 0.0
+
+
+def divergence_w1(
+    x: np.ndarray,
+    y: np.ndarray,
+    a: np.ndarray | None = None,
+    *,
+    epsilon: float = 0.01,
+    device: str | torch.device | None = "cpu",
+) -> float:
+    """Debiased Sinkhorn divergence with the Euclidean cost between two point clouds.
+
+    ``S(a, b) = OT(a, b) - OT(a, a) / 2 - OT(b, b) / 2`` with the entropic cost
+    ``OT``; it tends to the W1 distance as ``epsilon`` goes to 0 and is zero for equal
+    clouds.
+
+    Parameters
+    ----------
+    x, y
+        ``(n, d)`` and ``(m, d)`` points.
+    a
+        ``(n,)`` non-negative masses of ``x`` (normalised here; default uniform); ``y``
+        is uniform.
+    epsilon
+        Entropic regularisation as a fraction of the mean distance between ``x`` and
+        ``y``.
+    device
+        Torch device.
+    """
+    from chronotope import ot
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    wa = np.full(x.shape[0], 1.0 / x.shape[0]) if a is None else np.asarray(a, np.float64)
+    if wa.shape != (x.shape[0],) or not np.isfinite(wa).all() or (wa < 0).any() or wa.sum() <= 0:
+        raise ChronotopeInputError(f"a must be {x.shape[0]} finite non-negative masses.")
+    wa = wa / wa.sum()
+    wb = np.full(y.shape[0], 1.0 / y.shape[0])
+    geom_xy = ot.PointCloud(x, y, cost="euclidean", device=device)
+    eps = float(epsilon) * float(geom_xy.mean_cost)
+
+    def cost(p: np.ndarray, q: np.ndarray, wp: np.ndarray, wq: np.ndarray) -> float:
+        out = ot.sinkhorn(
+            p, q, a=wp, b=wq, epsilon=eps, cost="euclidean", tol=1e-4, device=device
+        )
+        return float(out.reg_ot_cost)
+
+    value = cost(x, y, wa, wb) - 0.5 * cost(x, x, wa, wa) - 0.5 * cost(y, y, wb, wb)
+    return max(value, 0.0)
+
+
+def backtest_extrapolation(
+    x: np.ndarray,
+    time: np.ndarray,
+    *,
+    params: DynamicsParams | None = None,
+    modes: tuple[str, ...] = EXTRAPOLATE_MODES,
+    masses: np.ndarray | list[float] | None = None,
+    growth_prior: np.ndarray | None = None,
+    n_sub: int = 2000,
+    device: str | torch.device | None = "cpu",
+    scheduler: object = None,
+) -> ExtrapolationBacktest:
+    """Hold out the last time point, fit the rest, and score each continuation on it.
+
+    Parameters
+    ----------
+    x, time
+        ``(n, d)`` training cells and ``(n,)`` times; at least three time points.
+    params
+        Hyperparameters of the model to backtest (its ``extrapolate`` is ignored).
+    modes
+        Continuations to compare (a subset of ``EXTRAPOLATE_MODES``).
+    masses
+        Relative population size per time point (as in ``fit``; the last is dropped).
+    growth_prior
+        ``(n,)`` prior growth rates (as in ``fit``; the held-out cells' are dropped).
+    n_sub
+        At most this many start cells (one SDE particle each) and held-out cells.
+    device, scheduler
+        As in :meth:`~chronotope.dynamics.DynamicsModel.fit`.
+
+    Returns
+    -------
+    ExtrapolationBacktest
+    """
+    tic = _time.perf_counter()
+    bad = [m for m in modes if m not in EXTRAPOLATE_MODES]
+    if bad or not modes:
+        raise ChronotopeInputError(
+            f"modes must be among {', '.join(EXTRAPOLATE_MODES)}, got {list(modes)}."
+        )
+    x = np.asarray(x, dtype=np.float64)
+    t = np.asarray(time, dtype=np.float64).ravel()
+    if x.ndim != 2 or x.shape[0] != t.shape[0]:
+        raise ChronotopeInputError(
+            f"x must be (n, d) with one time per row, got {x.shape} and {t.shape}."
+        )
+    times = np.unique(t)
+    if times.size < 3:
+        raise ChronotopeInputError(
+            "backtesting the extrapolation needs at least three time points (two to fit, "
+            f"one to predict); got {times.size}."
+        )
+    held = float(times[-1])
+    keep = t < held
+    p = dataclasses.replace(params or DynamicsParams(), extrapolate="landscape")
+    model = DynamicsModel(p, device=device).fit(
+        x[keep],
+        t[keep],
+        masses=None if masses is None else list(np.asarray(masses, np.float64)[:-1]),
+        growth_prior=None if growth_prior is None else np.asarray(growth_prior)[keep],
+        scheduler=scheduler,  # type: ignore[arg-type]
+    )
+    rng = np.random.default_rng(p.seed)
+    start = x[t == times[0]]
+    start = start[np.sort(rng.choice(start.shape[0], min(n_sub, start.shape[0]), replace=False))]
+    target = x[t == held]
+    target = target[
+        np.sort(rng.choice(target.shape[0], min(n_sub, target.shape[0]), replace=False))
+    ]
+    scores: dict[str, float] = {}
+    for mode in modes:
+        res = model.simulate(
+            start, float(times[0]), held, method="sde", seed=p.seed, extrapolate=mode
+        )
+        xp, wp = res.final
+        scores[mode] = divergence_w1(xp, target, wp, device=model.device)
+    choice = min(scores, key=scores.__getitem__)
+    seconds = _time.perf_counter() - tic
+    logger.info(
+        "extrapolation backtest (predict t=%g from a fit without it): %s -> %s (%.1f s)",
+        held,
+        ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+        choice,
+        seconds,
+    )
+    return ExtrapolationBacktest(choice=choice, scores=scores, held_time=held, seconds=seconds)
