@@ -29,7 +29,7 @@ def _gaussians(means: list[np.ndarray], n: int = 200, seed: int = 0):
 
 def test_divergence_is_close_to_exact_w1() -> None:
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(300, 3)), rng.normal(size=(400, 3)) + [1.0, 0.0, 0.5]
+    x, y = rng.normal(size=(300, 3)), rng.normal(size=(400, 3)) + np.array([1.0, 0.0, 0.5])
     w = rng.uniform(0.5, 1.5, 300)
     exact = pot.emd2(w / w.sum(), np.full(400, 1 / 400), pot.dist(x, y, metric="euclidean"))
     assert divergence_w1(x, y, w) == pytest.approx(exact, rel=0.03)
