@@ -96,16 +96,22 @@ def divergence_w1(
         raise ChronotopeInputError(f"a must be {x.shape[0]} finite non-negative masses.")
     wa = wa / wa.sum()
     wb = np.full(y.shape[0], 1.0 / y.shape[0])
-    geom_xy = ot.PointCloud(x, y, cost="euclidean", device=device)
+    # costs stream in row blocks beyond 4096 x 4096 points: never an n x m matrix for large n
+    big = max(x.shape[0], y.shape[0]) > 4096
+
+    def geom(p: np.ndarray, q: np.ndarray) -> ot.PointCloud:
+        rows = 4096 if big else None
+        return ot.PointCloud(p, q, cost="euclidean", batch_size=rows, device=device)
+
+    geom_xy = geom(x, y)
     eps = float(epsilon) * float(geom_xy.mean_cost)
 
-    def cost(p: np.ndarray, q: np.ndarray, wp: np.ndarray, wq: np.ndarray) -> float:
-        out = ot.sinkhorn(
-            p, q, a=wp, b=wq, epsilon=eps, cost="euclidean", tol=1e-4, device=device
-        )
-        return float(out.reg_ot_cost)
+    def cost(g: ot.PointCloud, wp: np.ndarray, wq: np.ndarray) -> float:
+        return float(ot.sinkhorn(g, a=wp, b=wq, epsilon=eps, tol=1e-4).reg_ot_cost)
 
-    value = cost(x, y, wa, wb) - 0.5 * cost(x, x, wa, wa) - 0.5 * cost(y, y, wb, wb)
+    value = (
+        cost(geom_xy, wa, wb) - 0.5 * cost(geom(x, x), wa, wa) - 0.5 * cost(geom(y, y), wb, wb)
+    )
     return max(value, 0.0)
 
 
