@@ -657,6 +657,7 @@ def main() -> None:
     ap.add_argument("--tau-a", type=float, default=None, help="override DynamicsParams.tau_a")
     ap.add_argument("--paths", default=None, help="override DynamicsParams.paths")
     ap.add_argument("--growth-path", default=None, help="override DynamicsParams.growth_path")
+    ap.add_argument("--path-weight", default=None, help="override DynamicsParams.path_weight")
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -699,6 +700,7 @@ def main() -> None:
         ("tau_a", args.tau_a),
         ("paths", args.paths),
         ("growth_path", args.growth_path),
+        ("path_weight", args.path_weight),
     ):
         if val is not None:
             params[key] = val

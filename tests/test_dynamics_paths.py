@@ -14,6 +14,8 @@ from chronotope.dynamics.paths import (
     SplineMeans,
     catmull_rom_tangents,
     hermite,
+    linear_mass_rate,
+    path_mass_weight,
 )
 
 F64 = torch.float64
@@ -151,3 +153,47 @@ def test_spline_default_trains_and_linear_option_kept() -> None:
     assert not np.allclose(model.velocity(x[:5], 1.5), lin.velocity(x[:5], 1.5))
     with pytest.raises(ChronotopeInputError, match="paths"):
         DynamicsParams(paths="natural")
+
+
+@pytest.mark.parametrize("growth_path", ["linear", "exponential"])
+def test_path_mass_weight_ends_and_rate(growth_path: str) -> None:
+    rate = torch.tensor([-0.7, 0.0, 0.4, 1.3], dtype=F64)
+    h = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=F64)
+    rho = torch.exp(rate * h)
+    one, zero = torch.ones(4, dtype=F64), torch.zeros(4, dtype=F64)
+    # a pair stands for the mass its source sends: weight 1 on arrival, 1/rho at the start
+    torch.testing.assert_close(path_mass_weight(rate, one, h, growth_path), one)
+    torch.testing.assert_close(path_mass_weight(rate, zero, h, growth_path), 1.0 / rho)
+    # d log m / ds = h * (growth rate at s) of the same mass path
+    s = torch.tensor([0.1, 0.35, 0.6, 0.9], dtype=F64)
+    step = 1e-6
+    fd = (
+        torch.log(path_mass_weight(rate, s + step, h, growth_path))
+        - torch.log(path_mass_weight(rate, s - step, h, growth_path))
+    ) / (2 * step)
+    want = linear_mass_rate(rate, s, h) if growth_path == "linear" else rate
+    torch.testing.assert_close(fd, h * want, rtol=1e-6, atol=1e-8)
+
+
+def test_mass_path_weight_option_trains_and_reduces_to_plan_without_growth() -> None:
+    rng = np.random.default_rng(1)
+    drift = np.array([1.0, 0.5])
+    x = np.vstack([rng.normal(size=(60, 2)) * 0.3 + k * drift for k in range(3)])
+    t = np.repeat([0.0, 1.0, 2.0], 60)
+    small = {"hidden": 32, "n_layers": 2, "n_steps": 150, "batch_size": 128}
+    assert DynamicsParams().path_weight == "plan"
+    # equal counts, balanced plans: every path keeps its mass, the weights are all 1
+    bal = {"tau_a": 1.0, **small}
+    plan = DynamicsModel(**bal).fit(x, t)
+    mass = DynamicsModel(path_weight="mass", **bal).fit(x, t)
+    np.testing.assert_allclose(mass.velocity(x, 0.5), plan.velocity(x, 0.5), atol=1e-3)
+    # fewer cells on one side at t = 2: the weights differ, the flow is the same flow
+    keep = ~((t == 2) & (x[:, 0] - 2 * drift[0] < 0) & (rng.random(t.size) < 0.7))
+    grown_plan = DynamicsModel(**small).fit(x[keep], t[keep])
+    grown = DynamicsModel(path_weight="mass", **small).fit(x[keep], t[keep])
+    v, v_plan = grown.velocity(x[t == 1], 1.5), grown_plan.velocity(x[t == 1], 1.5)
+    assert np.isfinite(v).all()
+    np.testing.assert_allclose(v.mean(0), v_plan.mean(0), atol=0.1)
+    assert not np.allclose(v, v_plan, atol=1e-3)
+    with pytest.raises(ChronotopeInputError, match="path_weight"):
+        DynamicsParams(path_weight="cells")

@@ -73,7 +73,7 @@ from chronotope._settings import resolve_device
 from chronotope.dynamics._validate import MIN_CELLS, check_snapshots
 from chronotope.dynamics.couplings import SnapshotCouplings, snapshot_couplings
 from chronotope.dynamics.genemaps import NeuralGeneMap
-from chronotope.dynamics.paths import SplineMeans, linear_mass_rate
+from chronotope.dynamics.paths import SplineMeans, linear_mass_rate, path_mass_weight
 from chronotope.parallel import Scheduler
 
 __all__ = [
@@ -146,6 +146,15 @@ class DynamicsParams:
         so the growth target at bridge time ``s`` is ``(rho - 1) / (dt (1 + s (rho - 1)))``
         with ``rho = r / c``; ``"exponential"``, a constant rate ``log(rho) / dt`` over the
         interval (the behaviour before). Both give the same mass at the interval's ends.
+    path_weight
+        Which measure the bridge losses average over at bridge time ``s``: ``"plan"``
+        (default), the pairs as the plan draws them (each weighted by the mass ``r`` its
+        source sends, i.e. the balanced flow from the plan's row sums to the target);
+        ``"mass"``, each pair weighted by its path's mass at ``s`` over ``r``
+        (``m(s) / r``, by ``growth_path``), the measure that weighted particles started
+        from the observed source cells follow under the unbalanced continuity equation
+        ``d_t mu + div(mu v) = g mu``. Velocity, score and growth losses are weighted
+        alike; the two agree where growth is uniform.
     extrapolate
         The model's continuation outside the training times (the default of
         :meth:`DynamicsModel.simulate`): ``"landscape"`` (default), ``"rest"``,
@@ -173,6 +182,7 @@ class DynamicsParams:
     seed: int = 0
     paths: str = "spline"
     growth_path: str = "linear"
+    path_weight: str = "plan"
     extrapolate: str = "landscape"
 
     def __post_init__(self) -> None:
@@ -184,6 +194,10 @@ class DynamicsParams:
         if self.growth_path not in ("linear", "exponential"):
             raise ChronotopeInputError(
                 f"growth_path must be 'linear' or 'exponential', got {self.growth_path!r}."
+            )
+        if self.path_weight not in ("plan", "mass"):
+            raise ChronotopeInputError(
+                f"path_weight must be 'plan' or 'mass', got {self.path_weight!r}."
             )
         if self.paths not in ("spline", "linear"):
             raise ChronotopeInputError(f"paths must be 'spline' or 'linear', got {self.paths!r}.")
@@ -348,6 +362,11 @@ class _Frame:
 
     def tau(self, t: float) -> float:
         return (t - self.t_min) / self.t_span
+
+
+def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values``, or of ``values * weight`` (weights of mean 1 over the batch)."""
+    return values.mean() if weight is None else (values * weight).mean()
 
 
 def _clamp_tau(tau: float) -> float:
@@ -590,27 +609,35 @@ class DynamicsModel:
             mu, dmu = ((1 - s) * z0 + s * z1, (z1 - z0) / dtau[which_all][:, None])
             if spline is not None:
                 mu, dmu = spline.mean(z_all, idx, which_all, s, gen)
+            w = None
+            if p.path_weight == "mass":  # normalised over the global batch
+                w = path_mass_weight(
+                    g_all[idx[:, 0]], s[:, 0], dtau[which_all], p.growth_path
+                )
+                w = w / w.mean()
             if rows is not None:  # this process's share of the global batch
                 idx, z0, z1, s, xi = idx[rows], z0[rows], z1[rows], s[rows], xi[rows]
                 mu, dmu = mu[rows], dmu[rows]
+                w = None if w is None else w[rows]
             dt = dtau[which][:, None]
             std = sig_z * torch.sqrt(s * (1 - s) * dt)
             zt = mu + std * xi
             tau = tau0[which][:, None] + s * dt
             target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
             inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
-            loss_v = ((nets.velocity(inp) - target_v) ** 2).sum(1).mean()
+            g_src = g_all[idx[:, 0]]
+            loss_v = _mean(((nets.velocity(inp) - target_v) ** 2).sum(1), w)
             loss = loss_v
             loss_s = torch.zeros((), device=dev)
             if p.score_weight > 0:
                 pot = nets.potential(inp)[:, 0]
                 (grad,) = torch.autograd.grad(pot.sum(), inp, create_graph=True)
-                loss_s = ((std * (-grad[:, :dim]) + xi) ** 2).sum(1).mean()
+                loss_s = _mean(((std * (-grad[:, :dim]) + xi) ** 2).sum(1), w)
                 loss = loss + p.score_weight * loss_s
-            g_target = g_all[idx[:, 0]]
+            g_target = g_src
             if p.growth_path == "linear":
                 g_target = linear_mass_rate(g_target, s[:, 0], dt[:, 0])
-            loss_g = ((nets.growth(inp.detach())[:, 0] - g_target) ** 2).mean()
+            loss_g = _mean((nets.growth(inp.detach())[:, 0] - g_target) ** 2, w)
             loss = loss + p.growth_weight * loss_g
             opt.zero_grad(set_to_none=True)
             if rows is None:

@@ -211,3 +211,23 @@ def linear_mass_rate(rate: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> to
     rho_m1 = torch.expm1(rate * h)
     out = rho_m1 / (h * (1.0 + s * rho_m1))
     return torch.where(rho_m1.abs() < 1e-6, rate, out)
+
+
+def path_mass_weight(
+    rate: torch.Tensor, s: torch.Tensor, h: torch.Tensor, growth_path: str = "linear"
+) -> torch.Tensor:
+    r"""Mass of a conditional path at bridge time ``s`` over the mass it arrives with.
+
+    A pair drawn from the plan stands for the mass :math:`r = c\rho` its source sends
+    (:math:`\rho = e^{g h}`, ``rate`` :math:`g` the interval's mean log rate over the
+    interval length ``h``). At bridge time :math:`s` the path carries :math:`m(s)`:
+    :math:`c\,(1 + s(\rho - 1))` for ``growth_path="linear"``, :math:`c\rho^{s}` for
+    ``"exponential"``. Weighting the pair by :math:`m(s)/r` turns the plan's pair measure
+    into the unbalanced path measure, whose marginals start at the observed source cells
+    and satisfy :math:`\partial_t\mu + \nabla\cdot(\mu v) = g\mu`; it is 1 at :math:`s = 1`
+    and :math:`1/\rho` at :math:`s = 0`.
+    """
+    log_rho = rate * h
+    if growth_path == "exponential":
+        return torch.exp((s - 1.0) * log_rho)
+    return (1.0 + s * torch.expm1(log_rho)) * torch.exp(-log_rho)
