@@ -176,11 +176,14 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
         "20",
         "--seed",
         "1",
+        "--path-weight",
+        "mass",
     )
     assert code == 0, err
     model = DynamicsModel.load(mdir)
     np.testing.assert_allclose(model.times_, [0.0, 1.25])
     assert model.params.n_steps == 20 and model.time_key == "time"
+    assert model.params.path_weight == "mass"
     pred = tmp_path / "pred.h5ad"
     code, out, err = _run(
         capsys,

@@ -808,6 +808,13 @@ def dynamics_fit(
     growth_prior_key: Annotated[
         str | None, typer.Option(help="obs column with a prior growth rate per cell.")
     ] = None,
+    path_weight: Annotated[
+        str,
+        typer.Option(
+            help="Measure of the training losses: plan (pairs as the plan draws them) or "
+            "mass (the unbalanced path measure; for strong differential growth)."
+        ),
+    ] = "plan",
     extrapolate: Annotated[
         str,
         typer.Option(
@@ -841,6 +848,7 @@ def dynamics_fit(
         n_steps=n_steps,
         sigma=sigma,
         epsilon=epsilon,
+        path_weight=path_weight,
         extrapolate=extrapolate,
         finetune_steps=finetune_steps,
         seed=seed,

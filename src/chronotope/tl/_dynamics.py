@@ -176,6 +176,7 @@ def fit_dynamics(
     sigma: float | None = None,
     epsilon: float | None = None,
     tau_a: float | None = None,
+    path_weight: str | None = None,
     extrapolate: str | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
@@ -207,9 +208,11 @@ def fit_dynamics(
         ``obs`` column with a prior growth rate per cell.
     params
         Hyperparameters (:class:`~chronotope.dynamics.DynamicsParams`); ``n_steps``,
-        ``sigma``, ``epsilon``, ``tau_a`` and ``seed`` override single fields.
-    n_steps, sigma, epsilon, tau_a, seed
-        See :class:`~chronotope.dynamics.DynamicsParams`.
+        ``sigma``, ``epsilon``, ``tau_a``, ``path_weight`` and ``seed`` override single
+        fields.
+    n_steps, sigma, epsilon, tau_a, path_weight, seed
+        See :class:`~chronotope.dynamics.DynamicsParams` (``path_weight="mass"``: train
+        over the unbalanced path measure, for data with strong differential growth).
     extrapolate
         The model's continuation past its training times (``DynamicsParams.extrapolate``):
         ``"landscape"`` (default), ``"rest"``, ``"continue"`` or ``"auto"`` (chosen by
@@ -255,6 +258,7 @@ def fit_dynamics(
             "sigma": sigma,
             "epsilon": epsilon,
             "tau_a": tau_a,
+            "path_weight": path_weight,
             "extrapolate": extrapolate,
         }.items()
         if v is not None
