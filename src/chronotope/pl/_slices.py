@@ -89,6 +89,28 @@ def alignment(
     return fig
 
 
+def _first_centred_axis(rows: sp.csr_matrix, mean: np.ndarray) -> np.ndarray:
+    """First right singular vector of ``rows - mean``, without densifying ``rows``.
+
+    The centred matrix is an operator (``(R - 1 mean^T) v = R v - (mean . v) 1``), so the
+    memory stays that of the sparse rows whatever the number of genes.
+    """
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    n, g = rows.shape
+    if min(n, g) < 3:  # svds needs k < min(shape); tiny inputs: the dense SVD is free
+        return np.linalg.svd(rows.toarray() - mean, full_matrices=False)[2][0]
+    rows = rows.astype(np.float64)
+    op = LinearOperator(
+        (n, g),
+        matvec=lambda v: rows @ np.ravel(v) - float(mean @ np.ravel(v)),
+        rmatvec=lambda u: rows.T @ np.ravel(u) - mean * float(np.sum(u)),
+        dtype=np.float64,
+    )
+    _, _, vt = svds(op, k=1, v0=np.ones(min(n, g)), tol=0, solver="arpack")
+    return vt[0]
+
+
 def interpolation(
     adata: AnnData,
     generated: AnnData,
@@ -133,8 +155,8 @@ def interpolation(
         step = max(1, n_all // 3000)
         mean = sum(np.asarray(m.sum(axis=0), dtype=np.float64).ravel() for m in mats) / n_all
         rows = sp.vstack([sp.csr_matrix(m) for m in mats], format="csr")[::step]
-        _, _, vt = np.linalg.svd(rows.toarray() - mean, full_matrices=False)
-        mats = [np.asarray(m @ vt[0]).ravel() - float(mean @ vt[0]) for m in mats]
+        axis = _first_centred_axis(rows, mean)
+        mats = [np.asarray(m @ axis).ravel() - float(mean @ axis) for m in mats]
     lo = min(float(np.percentile(m, 1)) for m in mats)
     hi = max(float(np.percentile(m, 99)) for m in mats)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
