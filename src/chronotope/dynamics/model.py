@@ -625,7 +625,6 @@ class DynamicsModel:
             tau = tau0[which][:, None] + s * dt
             target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
             inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
-            g_src = g_all[idx[:, 0]]
             loss_v = _mean(((nets.velocity(inp) - target_v) ** 2).sum(1), w)
             loss = loss_v
             loss_s = torch.zeros((), device=dev)
@@ -634,7 +633,7 @@ class DynamicsModel:
                 (grad,) = torch.autograd.grad(pot.sum(), inp, create_graph=True)
                 loss_s = _mean(((std * (-grad[:, :dim]) + xi) ** 2).sum(1), w)
                 loss = loss + p.score_weight * loss_s
-            g_target = g_src
+            g_target = g_all[idx[:, 0]]
             if p.growth_path == "linear":
                 g_target = linear_mass_rate(g_target, s[:, 0], dt[:, 0])
             loss_g = _mean((nets.growth(inp.detach())[:, 0] - g_target) ** 2, w)
