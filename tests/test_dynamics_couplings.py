@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -116,6 +118,26 @@ def test_user_masses_and_growth_prior() -> None:
         snapshot_couplings(x, t, masses=[1.0])
     with pytest.raises(ChronotopeInputError, match="growth_prior"):
         snapshot_couplings(x, t, growth_prior=np.ones(3))
+
+
+def test_swinging_counts_warn_only_when_masses_default(caplog) -> None:
+    from chronotope.dynamics.couplings import count_reversals
+
+    # TIGON's bifurcation counts halve and double: suspect; steady growth or a small dip: not
+    assert count_reversals(np.array([231, 166, 93, 211, 122, 258, 456, 359])) == [2, 3, 4]
+    assert count_reversals(np.array([1429, 3781, 5788])) == []
+    assert count_reversals(np.array([13035, 16830, 14103])) == []
+    rng = np.random.default_rng(0)
+    sizes = (40, 15, 40)
+    x = np.concatenate([rng.normal(size=(n, 2)) for n in sizes])
+    t = np.repeat([0.0, 1.0, 2.0], sizes)
+    with caplog.at_level(logging.WARNING, logger="chronotope"):
+        snapshot_couplings(x, t, n_pairs=50)
+    assert "40 -> 15 -> 40" in caplog.text and "masses=" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chronotope"):
+        snapshot_couplings(x, t, masses=[1.0, 1.0, 1.0], n_pairs=50)
+    assert "swing" not in caplog.text
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -164,8 +164,42 @@ def _draw_pairs(plan: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.
     return np.divmod(flat, plan.shape[1])
 
 
+#: A change of the cell count by more than this factor, reversed at the next time point by
+#: more than the same factor, makes the default masses (the counts) suspect.
+COUNT_SWING = 1.5
+
+
+def count_reversals(counts: np.ndarray, factor: float = COUNT_SWING) -> list[int]:
+    """Time-point indices where the cell count swings by ``> factor`` and back by ``> factor``.
+
+    A population that halves and then doubles (or the reverse) between neighbouring
+    snapshots is more likely a varying number of cells *measured* than a population size;
+    read as masses such counts force the couplings to explain the swings by death and
+    growth. Index ``k`` is returned when ``c_k / c_{k-1}`` and ``c_{k+1} / c_k`` lie on
+    opposite sides of 1, both by more than ``factor``.
+    """
+    log_ratio = np.diff(np.log(np.asarray(counts, dtype=np.float64)))
+    big = np.abs(log_ratio) > math.log(factor)
+    turn = np.sign(log_ratio[:-1]) * np.sign(log_ratio[1:]) < 0
+    return [int(k) + 1 for k in np.flatnonzero(turn & big[:-1] & big[1:])]
+
+
 def _resolve_masses(masses: np.ndarray | list[float] | None, counts: np.ndarray) -> np.ndarray:
     if masses is None:
+        swings = count_reversals(counts)
+        if swings:
+            shown = ", ".join(
+                f"{int(counts[k - 1])} -> {int(counts[k])} -> {int(counts[k + 1])}" for k in swings
+            )
+            logger.warning(
+                "the masses default to the cell counts per time point, which swing down and up "
+                "(or up and down) by more than %.1fx between neighbouring time points (%s). If "
+                "the counts are numbers of cells measured rather than population sizes, pass "
+                "masses= (e.g. all ones, or measured population sizes); otherwise the particle "
+                "weights must explain the swings by death and growth.",
+                COUNT_SWING,
+                shown,
+            )
         return counts / counts[0]
     m = np.asarray(masses, dtype=np.float64)
     if m.shape != counts.shape:
