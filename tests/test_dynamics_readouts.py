@@ -211,3 +211,36 @@ def test_bad_inputs(two_fates) -> None:
         ro.fate_probabilities(model, x0, 0.0, 4.0, ref, labels, n_particles=0)
     with pytest.raises(ChronotopeInputError, match="no gene map"):
         ro.growth_genes(model, x0, 0.0)
+
+
+def test_embed_velocity_follows_a_linear_view_and_a_nonlinear_one() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1500, 6))
+    # a rotation field in the first two coordinates, noise in the others
+    v = np.column_stack([-x[:, 1], x[:, 0], 0.05 * rng.normal(size=(1500, 4))])
+    view = x[:, :2].copy()  # a linear view: the exact image of v is v[:, :2]
+    out = ro.embed_velocity(x, v, view, n_neighbors=30)
+    cos = (out * v[:, :2]).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(v[:, :2], axis=1))
+    assert np.median(cos) > 0.8, np.median(cos)
+    # velocities shuffled between cells carry no direction of the field
+    out_s = ro.embed_velocity(x, v[rng.permutation(1500)], view)
+    cos_s = (out_s * v[:, :2]).sum(1) / (
+        np.linalg.norm(out_s, axis=1) * np.linalg.norm(v[:, :2], axis=1)
+    )
+    assert abs(np.median(cos_s)) < 0.2, np.median(cos_s)
+    # a warped (non-linear) view: the projection follows the exact push-forward J v
+    warped = np.column_stack([np.sinh(view[:, 0]), view[:, 1] + 0.3 * view[:, 0] ** 2])
+    out_w = ro.embed_velocity(x, v, warped)
+    exact = np.column_stack(
+        [np.cosh(view[:, 0]) * v[:, 0], v[:, 1] + 0.6 * view[:, 0] * v[:, 0]]
+    )
+    cos_w = (out_w * exact).sum(1) / (
+        np.linalg.norm(out_w, axis=1) * np.linalg.norm(exact, axis=1) + 1e-12
+    )
+    assert np.median(cos_w) > 0.7, np.median(cos_w)
+    # a velocity of zero has no preferred neighbour: nothing is drawn
+    np.testing.assert_allclose(ro.embed_velocity(x, 0 * v, view), 0.0, atol=1e-12)
+    with pytest.raises(ChronotopeInputError, match="one row per cell"):
+        ro.embed_velocity(x, v, view[:10])
+    with pytest.raises(ChronotopeInputError, match="same shape"):
+        ro.embed_velocity(x, v[:, :2], view)

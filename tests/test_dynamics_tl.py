@@ -368,5 +368,8 @@ def test_figures(fitted) -> None:
     ]
     assert all(isinstance(f, Figure) for f in figs)
     assert len(figs[2].axes) == 3 + 1  # three times and a colour bar
+    # another view than the representation: the velocity is projected onto it
+    fig = ct.pl.velocity_streamlines(a, "X", n_grid=10, dims=(0, 2))
+    assert "projected from" in fig.axes[0].get_title()
     with pytest.raises(ChronotopeInputError, match="differ in shape"):
-        ct.pl.velocity_streamlines(a, "X")
+        ct.pl.velocity_streamlines(a, velocity_basis="X")

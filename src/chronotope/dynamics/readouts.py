@@ -14,6 +14,8 @@ r"""Read-outs of a fitted :class:`~chronotope.dynamics.DynamicsModel` (arrays in
   Jacobian of the velocity (autograd) in the representation and in gene space, signed edges.
 - :func:`growth_genes` -- ``dg/dgene`` averaged over cells.
 - :func:`time_correlated_genes` -- correlation of each gene with time along trajectories.
+- :func:`embed_velocity` -- velocities projected onto a non-linear view (UMAP, t-SNE) by
+  scVelo's transition-kernel projection, for streamlines.
 
 Gene space. With ``genes = x L^T + c`` (``L = GeneMap.loadings``, ``G x d``) and its
 left inverse ``P = pinv(L)`` (``d x G``; ``P = L^T`` for orthonormal loadings such as
@@ -47,6 +49,7 @@ __all__ = [
     "PerturbationResult",
     "ancestor_distribution",
     "cell_fields",
+    "embed_velocity",
     "fate_probabilities",
     "gene_jacobian",
     "grn_edges",
@@ -925,3 +928,92 @@ def _weighted_corr_decoded(
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(den > 1e-12 * max(den.max(), 1e-300), st / den, 0.0)
     return np.clip(r, -1.0, 1.0)
+
+
+def embed_velocity(
+    x: np.ndarray,
+    velocity: np.ndarray,
+    embedding: np.ndarray,
+    *,
+    n_neighbors: int = 30,
+    kernel_scale: float = 10.0,
+    chunk_size: int = 8192,
+) -> np.ndarray:
+    r"""Project velocities from the representation onto a 2-D (or any) embedding.
+
+    For a view that is not a linear function of the representation (a UMAP or t-SNE of a
+    PCA), the velocity has no exact image; the transition-kernel projection of scVelo
+    (Bergen et al. 2020) and CellRank is used. For each cell :math:`i` and its
+    ``n_neighbors`` nearest neighbours :math:`j` in the representation, the cosine
+    :math:`c_{ij}` between :math:`v_i` and the displacement :math:`x_j - x_i` gives the
+    transition probabilities :math:`\pi_{ij} \propto \exp(\kappa c_{ij})`; the embedded
+    velocity is :math:`\sum_j \pi_{ij}\hat e_{ij} - \frac1k \sum_j \hat e_{ij}`, with
+    :math:`\hat e_{ij}` the unit displacement in the embedding. The uniform term removes
+    the drift that the neighbourhood's shape alone would give. The result is a direction
+    field (its length is at most 2, larger where the velocity points consistently towards
+    some neighbours); it is a visual read-out, not a quantity in the representation's units.
+
+    Parameters
+    ----------
+    x
+        ``(n, d)`` cells in the representation the velocity lives in.
+    velocity
+        ``(n, d)`` velocity of each cell in the representation.
+    embedding
+        ``(n, e)`` coordinates of the same cells in the view.
+    n_neighbors
+        Neighbours per cell (kNN in the representation; no ``n x n`` matrix).
+    kernel_scale
+        :math:`\kappa`; larger values concentrate the transitions on the neighbours the
+        velocity points to (scVelo's default is 10).
+    chunk_size
+        Cells per chunk.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, e)`` velocity in the embedding.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(x, dtype=np.float64)
+    v = np.asarray(velocity, dtype=np.float64)
+    e = np.asarray(embedding, dtype=np.float64)
+    if x.ndim != 2 or v.shape != x.shape:
+        raise ChronotopeInputError(
+            f"x {x.shape} and velocity {v.shape} must be 2-D arrays of the same shape."
+        )
+    if e.ndim != 2 or e.shape[0] != x.shape[0]:
+        raise ChronotopeInputError(
+            f"embedding must hold one row per cell ({x.shape[0]}), got shape {e.shape}."
+        )
+    if x.shape[0] < 2:
+        raise ChronotopeInputError("embedding a velocity needs at least two cells.")
+    if n_neighbors < 1:
+        raise ChronotopeInputError(f"n_neighbors must be >= 1, got {n_neighbors}.")
+    if not (np.isfinite(x).all() and np.isfinite(v).all() and np.isfinite(e).all()):
+        raise ChronotopeInputError("x, velocity and embedding must be finite.")
+    k = min(n_neighbors, x.shape[0] - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(x)
+    out = np.empty((x.shape[0], e.shape[1]))
+    for s in range(0, x.shape[0], chunk_size):
+        rows = np.arange(s, min(s + chunk_size, x.shape[0]))
+        idx = nn.kneighbors(x[rows], return_distance=False)
+        # drop each cell itself (or, among duplicates, the first hit) and keep k others
+        own = idx == rows[:, None]
+        drop = np.where(own.any(1), own.argmax(1), k)
+        keep = np.ones_like(idx, dtype=bool)
+        keep[np.arange(rows.size), drop] = False
+        idx = idx[keep].reshape(rows.size, k)
+        dx = x[idx] - x[rows, None, :]
+        vr = v[rows, None, :]
+        den = np.linalg.norm(dx, axis=2) * np.linalg.norm(vr, axis=2)
+        cos = np.where(den > 0, (dx * vr).sum(2) / np.maximum(den, 1e-300), 0.0)
+        logit = kernel_scale * cos
+        pi = np.exp(logit - logit.max(1, keepdims=True))
+        pi /= pi.sum(1, keepdims=True)
+        de = e[idx] - e[rows, None, :]
+        nrm = np.linalg.norm(de, axis=2, keepdims=True)
+        de = np.where(nrm > 0, de / np.maximum(nrm, 1e-300), 0.0)
+        out[rows] = (pi[:, :, None] * de).sum(1) - de.mean(1)
+    return out

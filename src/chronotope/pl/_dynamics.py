@@ -28,6 +28,21 @@ def _uns(adata: AnnData, key: str, made_by: str) -> dict:
     return adata.uns[key]
 
 
+def _coordinates(adata: AnnData, key: str, cols: list[int] | None = None) -> np.ndarray:
+    """Cells in ``obsm[key]`` or ``.X`` (only ``cols`` densified when given)."""
+    if key == "X":
+        m = adata.X
+    elif key in adata.obsm:
+        m = adata.obsm[key]
+    else:
+        raise ChronotopeInputError(f"adata.obsm[{key!r}] is missing.")
+    if cols is not None:
+        if max(cols) >= m.shape[1]:
+            raise ChronotopeInputError(f"basis {key!r} has {m.shape[1]} dimension(s), dims={cols}.")
+        m = m[:, cols]
+    return np.asarray(m.toarray() if hasattr(m, "toarray") else m, dtype=np.float64)
+
+
 def _grid_velocity(
     pts: np.ndarray, vel: np.ndarray, n_grid: int, n_neighbors: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -57,24 +72,31 @@ def velocity_streamlines(
     basis: str | None = None,
     *,
     velocity_key: str | None = None,
+    velocity_basis: str | None = None,
     color: str | None = None,
     dims: tuple[int, int] = (0, 1),
     n_grid: int = 40,
     n_neighbors: int = 30,
     size: float | None = None,
 ) -> Figure:
-    """Streamlines of the learned velocity over a 2-D view of the representation.
+    """Streamlines of the learned velocity over a 2-D view of the cells.
 
     Parameters
     ----------
     adata
         Output of :func:`chronotope.tl.fit_dynamics`.
     basis
-        ``obsm`` key of the coordinates (default: the fitted representation) or ``"X"``;
-        the velocity must be in the same coordinates (the fitted representation, or
-        ``velocity_key``).
+        ``obsm`` key of the view (default: the fitted representation) or ``"X"``. When it
+        is the velocity's own coordinates (``velocity_basis``) the velocity is drawn as it
+        is; any other view (a UMAP of the PCA the model was fitted on, say) gets the
+        velocity projected by scVelo's transition-kernel projection
+        (:func:`chronotope.dynamics.readouts.embed_velocity`, ``n_neighbors`` cells in
+        the velocity's coordinates), a direction field.
     velocity_key
         ``obsm`` key of the velocities (default: ``uns["dynamics"]["velocity_key"]``).
+    velocity_basis
+        ``obsm`` key (or ``"X"``) of the coordinates the velocity lives in (default: the
+        fitted representation).
     color
         ``obs`` column to colour the cells by (categorical or numeric); default the time.
     dims
@@ -82,7 +104,7 @@ def velocity_streamlines(
     n_grid
         Grid points per axis for the smoothed field.
     n_neighbors
-        Cells averaged per grid point.
+        Cells averaged per grid point (and neighbours per cell of the projection).
     size
         Marker size.
 
@@ -91,23 +113,27 @@ def velocity_streamlines(
     matplotlib.figure.Figure
     """
     rec = _uns(adata, "dynamics", "chronotope.tl.fit_dynamics")
-    rep = basis or rec["params"]["use_rep"]
+    vrep = velocity_basis or rec["params"]["use_rep"]
+    rep = basis or vrep
     vkey = velocity_key or rec["velocity_key"]
     if vkey not in adata.obsm:
         raise ChronotopeInputError(f"adata.obsm[{vkey!r}] is missing.")
-    if rep == "X":
-        x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    elif rep in adata.obsm:
-        x = np.asarray(adata.obsm[rep])
-    else:
-        raise ChronotopeInputError(f"adata.obsm[{rep!r}] is missing.")
-    v = np.asarray(adata.obsm[vkey])
-    if x.shape != v.shape:
+    v = np.asarray(adata.obsm[vkey], dtype=np.float64)
+    x_v = _coordinates(adata, vrep)
+    if x_v.shape != v.shape:
         raise ChronotopeInputError(
-            f"basis {rep!r} {x.shape} and velocities {vkey!r} {v.shape} differ in shape; "
-            "streamlines need the velocity in the basis coordinates."
+            f"velocity basis {vrep!r} {x_v.shape} and velocities {vkey!r} {v.shape} differ "
+            "in shape; pass velocity_basis= the coordinates the velocity lives in."
         )
     i, j = dims
+    if rep == vrep:
+        x = x_v
+    else:
+        from chronotope.dynamics.readouts import embed_velocity
+
+        x = _coordinates(adata, rep, [i, j])
+        v = embed_velocity(x_v, v, x, n_neighbors=n_neighbors)
+        i, j = 0, 1
     pts, vel = x[:, [i, j]].astype(np.float64), v[:, [i, j]].astype(np.float64)
     gx, gy, u, w = _grid_velocity(pts, vel, n_grid, n_neighbors)
     fig, (ax,) = _figure()
@@ -130,9 +156,10 @@ def velocity_streamlines(
     speed = np.hypot(u, w)
     lw = 0.6 + 1.6 * np.nan_to_num(speed / max(np.nanmax(speed), 1e-12))
     ax.streamplot(gx, gy, u, w, color="k", linewidth=lw, density=1.2, arrowsize=0.9)
-    ax.set_xlabel(f"{rep} {i + 1}")
-    ax.set_ylabel(f"{rep} {j + 1}")
-    ax.set_title("velocity (probability flow)")
+    ax.set_xlabel(f"{rep} {dims[0] + 1}")
+    ax.set_ylabel(f"{rep} {dims[1] + 1}")
+    how = "" if rep == vrep else f", projected from {vrep}"
+    ax.set_title(f"velocity (probability flow){how}")
     return fig
 
 
