@@ -44,9 +44,12 @@ def test_backtest_continues_a_steady_drift_and_saves_the_choice(tmp_path: Path) 
     model = DynamicsModel(extrapolate="auto", **SMALL).fit(x, t)
     assert model.extrapolate_ == "continue"
     sc = model.extrapolation_scores_
-    assert set(sc) == {"landscape", "rest", "continue"}
+    damped = {f"damped({r:g})" for r in (0.1, 0.25, 0.5, 1.0, 2.0)}
+    assert set(sc) == {"landscape", "rest", "continue", *damped}
     # held-out t = 3 is one drift step away from where "landscape" / "rest" leave the cells
     assert sc["continue"] < 0.5 * min(sc["landscape"], sc["rest"])
+    # a decaying drift falls short of it, the more the faster it decays
+    assert sc["continue"] < sc["damped(2)"] < sc["damped(0.5)"] < sc["damped(0.1)"]
     assert "extrapolation_backtest" in model.timings_
     # simulate() uses the chosen continuation by default; save / load keep it
     default = model.simulate(x[t == 3], 3.0, 4.0, method="ode").final[0]
@@ -61,8 +64,49 @@ def test_backtest_stops_a_drift_that_stopped() -> None:
     """The cells stop at t = 3: the last interval's drift must not be continued."""
     x, t = _gaussians([0 * DRIFT, DRIFT, 2 * DRIFT, 2 * DRIFT])
     bt = backtest_extrapolation(x, t, params=DynamicsParams(**SMALL))
-    assert bt.held_time == 3.0 and bt.choice in ("landscape", "rest")
-    assert bt.scores["continue"] > 2 * bt.scores[bt.choice]
+    assert bt.held_time == 3.0 and bt.choice in ("landscape", "rest", "damped")
+    best = min(bt.scores.values())
+    assert bt.scores["continue"] > 2 * best
+    if bt.choice == "damped":  # only a transport that stops almost at once
+        assert bt.relaxation is not None and bt.relaxation <= 0.25
+    else:
+        assert bt.relaxation is None
+
+
+def test_damped_continuation_decays_the_last_drift(tmp_path: Path) -> None:
+    """Past the end the ODE moves by ``r dt (1 - exp(-d / (r dt)))`` times the end velocity."""
+    x, t = _gaussians([k * DRIFT for k in range(3)])
+    model = DynamicsModel(**SMALL).fit(x, t)
+    x2 = x[t == 2]
+
+    def shift(**kw) -> np.ndarray:
+        end = model.simulate(x2, 2.0, 3.0, method="ode", **kw).final[0]
+        return (end - x2).mean(0)
+
+    full = shift(extrapolate="continue")
+    assert np.linalg.norm(full - DRIFT) < 0.3 * np.linalg.norm(DRIFT)
+    for r in (0.5, 1.0, 3.0):
+        expect = r * (1.0 - np.exp(-1.0 / r))
+        np.testing.assert_allclose(
+            shift(extrapolate="damped", relaxation=r), expect * full, atol=0.05
+        )
+    np.testing.assert_allclose(shift(extrapolate="damped", relaxation=1e-3), 0.0, atol=0.01)
+    np.testing.assert_allclose(shift(extrapolate="damped", relaxation=1e3), full, atol=0.01)
+    # backward in time the first interval's drift decays the same way
+    x0 = x[t == 0]
+    back = (model.simulate(x0, 0.0, -1.0, method="ode", extrapolate="damped").final[0] - x0).mean(0)
+    np.testing.assert_allclose(back, -(1.0 - np.exp(-1.0)) * DRIFT, atol=0.3)
+    # the model's own relaxation is the default, and it is saved
+    model.relaxation_ = 0.5
+    np.testing.assert_allclose(
+        shift(extrapolate="damped"), shift(extrapolate="damped", relaxation=0.5)
+    )
+    model.save(tmp_path / "m")
+    assert DynamicsModel.load(tmp_path / "m").relaxation_ == 0.5
+    with pytest.raises(ChronotopeInputError, match="relaxation"):
+        model.simulate(x2, 2.0, 3.0, extrapolate="damped", relaxation=0.0)
+    with pytest.raises(ChronotopeInputError, match="relaxation"):
+        DynamicsParams(relaxation=float("inf"))
 
 
 def test_backtest_needs_three_time_points(caplog) -> None:

@@ -224,6 +224,18 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
         ends[mode] = p.obsm["X_pca"]
     assert np.abs(ends["rest"] - ends["continue"]).max() > 1e-3
     assert np.abs(ends["landscape"] - ends["rest"]).max() > 1e-3
+    # damped, with its relaxation time on the command line
+    code, _, err = _run(
+        capsys, "-q", "dynamics", "predict", str(mdir), str(data), "--time", "2",
+        "-o", str(pred), "--method", "ode", "--n-particles", "1", "--extrapolate", "damped",
+        "--relaxation", "0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    p = ad.read_h5ad(pred)
+    assert p.uns["dynamics_prediction"]["params"]["relaxation"] == 0.5
+    expect = model.simulate(x0, 0.0, 2.0, extrapolate="damped", relaxation=0.5).final[0]
+    np.testing.assert_allclose(p.obsm["X_pca"], expect, atol=1e-5)
+    assert np.abs(p.obsm["X_pca"] - ends["continue"]).max() > 1e-3
     # without --extrapolate, predict uses the model's own (fit default: landscape)
     code, _, err = _run(
         capsys, "-q", "dynamics", "predict", str(mdir), str(data), "--time", "2",
@@ -299,8 +311,14 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
         str(tmp_path / "mx"),
         "--n-steps",
         "5",
+        "--extrapolate",
+        "damped",
+        "--relaxation",
+        "0.75",
     )
     assert code == 0, err
+    mx = DynamicsModel.load(tmp_path / "mx")
+    assert mx.extrapolate_ == "damped" and mx.relaxation_ == 0.75
     code, _, err = _run(
         capsys,
         "-q",

@@ -819,10 +819,15 @@ def dynamics_fit(
         str,
         typer.Option(
             help="The model's continuation past its training times: landscape, rest, "
-            "continue, or auto (chosen by backtesting on the last training time point; "
-            "one more fit)."
+            "continue, damped (the last fields' transport and growth decay with "
+            "--relaxation), or auto (chosen by backtesting on the last training time "
+            "point, damped at several relaxation times; one more fit)."
         ),
     ] = "landscape",
+    relaxation: Annotated[
+        float,
+        typer.Option(help="Relaxation time of --extrapolate damped, in last intervals."),
+    ] = 1.0,
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
@@ -850,6 +855,7 @@ def dynamics_fit(
         epsilon=epsilon,
         path_weight=path_weight,
         extrapolate=extrapolate,
+        relaxation=relaxation,
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,
@@ -863,9 +869,16 @@ def dynamics_fit(
         typer.echo(
             f"wrote {out}: {use_rep} ({model.dim}-D), times "
             f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
-            f"sigma {rec['sigma']:.3g}, extrapolation {model.extrapolate_}, "
+            f"sigma {rec['sigma']:.3g}, extrapolation {_continuation(model)}, "
             f"{rec['seconds']:.1f} s"
         )
+
+
+def _continuation(model: object) -> str:
+    mode = str(model.extrapolate_)  # type: ignore[attr-defined]
+    if mode == "damped":
+        return f"damped (relaxation {model.relaxation_:g})"  # type: ignore[attr-defined]
+    return mode
 
 
 @dynamics_app.command("predict")
@@ -887,9 +900,14 @@ def dynamics_predict(
             help="Outside the training times: the model's own continuation (default; set "
             "by 'dynamics fit --extrapolate'), or landscape (no transport or growth; cells "
             "diffuse in the landscape frozen at the last training time), rest (zero drift "
-            "and growth, diffusion only), continue (the last fields keep acting)."
+            "and growth, diffusion only), continue (the last fields keep acting), damped "
+            "(they act with a decaying transport and growth)."
         ),
     ] = "model",
+    relaxation: Annotated[
+        float | None,
+        typer.Option(help="Relaxation time of damped (default: the model's own)."),
+    ] = None,
 ) -> None:
     """Push the cells of the first time point to --time; write particles and masses."""
     import chronotope as ct
@@ -916,6 +934,7 @@ def dynamics_predict(
         seed=seed,
         device=None if device == "auto" else device,
         extrapolate=None if extrapolate == "model" else extrapolate,  # type: ignore[arg-type]
+        relaxation=relaxation,
     )
     write_output(pred, out)
     if _state["verbosity"] >= 0:

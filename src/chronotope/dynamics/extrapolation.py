@@ -5,10 +5,12 @@ No snapshot constrains the dynamics outside the training times, so what a model 
 choice, and the right one depends on the system: a process that keeps moving in the same
 direction is extrapolated best by its last fields (``"continue"``), one that settles by
 the landscape frozen at the last time (``"landscape"``), one that spreads by the diffusion
-alone (``"rest"``). :func:`backtest_extrapolation` makes the choice from the training data
-only, the way a forecaster is validated: the last training time point is held out, a model
-with the same hyperparameters is fitted to the earlier ones, the cells of the first time
-point are pushed to the held-out time under each continuation, and the continuation whose
+alone (``"rest"``), one that slows down by the last fields with a decaying transport and
+growth (``"damped"``, a damped trend, tried at each of ``relaxations``).
+:func:`backtest_extrapolation` makes the choice from the training data only, the way a
+forecaster is validated: the last training time point is held out, a model with the same
+hyperparameters is fitted to the earlier ones, the cells of the first time point are
+pushed to the held-out time under each continuation, and the continuation whose
 prediction is closest to the held-out cells wins.
 
 Closeness is the debiased Sinkhorn divergence with the Euclidean cost (an entropic
@@ -37,6 +39,10 @@ __all__ = ["ExtrapolationBacktest", "backtest_extrapolation", "divergence_w1"]
 
 logger = logging.getLogger("chronotope")
 
+#: Relaxation times (units of the last training interval) that the backtest tries for
+#: ``"damped"``: from nearly ``"landscape"`` to nearly ``"continue"``.
+RELAXATIONS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
 
 @dataclass(frozen=True)
 class ExtrapolationBacktest:
@@ -44,10 +50,13 @@ class ExtrapolationBacktest:
 
     Attributes
     ----------
+    relaxation
+        The relaxation time of the winner when it is ``"damped"``, else ``None``.
     choice
-        The continuation with the smallest divergence.
+        The continuation with the smallest divergence (a name of ``EXTRAPOLATE_MODES``).
     scores
-        Divergence (representation units, ~W1) per continuation tried.
+        Divergence (representation units, ~W1) per continuation tried; ``"damped"`` is
+        scored as ``"damped(r)"`` for each relaxation time ``r``.
     held_time
         The training time point that was held out and predicted.
     seconds
@@ -58,6 +67,7 @@ class ExtrapolationBacktest:
     scores: dict[str, float] = field(default_factory=dict)
     held_time: float = float("nan")
     seconds: float = 0.0
+    relaxation: float | None = None
 
 
 def divergence_w1(
@@ -121,6 +131,7 @@ def backtest_extrapolation(
     *,
     params: DynamicsParams | None = None,
     modes: tuple[str, ...] = EXTRAPOLATE_MODES,
+    relaxations: tuple[float, ...] = RELAXATIONS,
     masses: np.ndarray | list[float] | None = None,
     growth_prior: np.ndarray | None = None,
     n_sub: int = 2000,
@@ -137,6 +148,8 @@ def backtest_extrapolation(
         Hyperparameters of the model to backtest (its ``extrapolate`` is ignored).
     modes
         Continuations to compare (a subset of ``EXTRAPOLATE_MODES``).
+    relaxations
+        Relaxation times (units of the last interval) at which ``"damped"`` is tried.
     masses
         Relative population size per time point (as in ``fit``; the last is dropped).
     growth_prior
@@ -155,6 +168,12 @@ def backtest_extrapolation(
     if bad or not modes:
         raise ChronotopeInputError(
             f"modes must be among {', '.join(EXTRAPOLATE_MODES)}, got {list(modes)}."
+        )
+    if "damped" in modes and (
+        not relaxations or not all(0 < float(r) < np.inf for r in relaxations)
+    ):
+        raise ChronotopeInputError(
+            f"relaxations must be positive finite numbers, got {list(relaxations)}."
         )
     x = np.asarray(x, dtype=np.float64)
     t = np.asarray(time, dtype=np.float64).ravel()
@@ -185,20 +204,34 @@ def backtest_extrapolation(
     target = target[
         np.sort(rng.choice(target.shape[0], min(n_sub, target.shape[0]), replace=False))
     ]
+    candidates = [
+        (f"damped({float(r):g})", mode, float(r)) if mode == "damped" else (mode, mode, None)
+        for mode in modes
+        for r in (relaxations if mode == "damped" else (None,))
+    ]
     scores: dict[str, float] = {}
-    for mode in modes:
+    for name, mode, relax in candidates:
         res = model.simulate(
-            start, float(times[0]), held, method="sde", seed=p.seed, extrapolate=mode
+            start,
+            float(times[0]),
+            held,
+            method="sde",
+            seed=p.seed,
+            extrapolate=mode,  # type: ignore[arg-type]
+            relaxation=relax,
         )
         xp, wp = res.final
-        scores[mode] = divergence_w1(xp, target, wp, device=model.device)
-    choice = min(scores, key=scores.__getitem__)
+        scores[name] = divergence_w1(xp, target, wp, device=model.device)
+    best = min(scores, key=scores.__getitem__)
+    _, choice, relaxation = next(c for c in candidates if c[0] == best)
     seconds = _time.perf_counter() - tic
     logger.info(
         "extrapolation backtest (predict t=%g from a fit without it): %s -> %s (%.1f s)",
         held,
         ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
-        choice,
+        best,
         seconds,
     )
-    return ExtrapolationBacktest(choice=choice, scores=scores, held_time=held, seconds=seconds)
+    return ExtrapolationBacktest(
+        choice=choice, scores=scores, held_time=held, seconds=seconds, relaxation=relaxation
+    )

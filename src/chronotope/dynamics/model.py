@@ -57,6 +57,7 @@ import math
 import os
 import tempfile
 import time as _time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 #: Continuations outside the training time range (``DynamicsModel.simulate``).
-EXTRAPOLATE_MODES = ("landscape", "rest", "continue")
+EXTRAPOLATE_MODES = ("landscape", "rest", "continue", "damped")
 
 logger = logging.getLogger("chronotope")
 
@@ -158,10 +159,18 @@ class DynamicsParams:
     extrapolate
         The model's continuation outside the training times (the default of
         :meth:`DynamicsModel.simulate`): ``"landscape"`` (default), ``"rest"``,
-        ``"continue"``, or ``"auto"``: chosen during ``fit`` by
+        ``"continue"``, ``"damped"`` (the last fields' transport and growth decay with
+        relaxation time ``relaxation``), or ``"auto"``: chosen during ``fit`` by
         :func:`~chronotope.dynamics.extrapolation.backtest_extrapolation` (the last
-        training time point held out and predicted under each; one more fit, on one time
-        point fewer; ``"landscape"`` with fewer than three time points).
+        training time point held out and predicted under each, ``"damped"`` at several
+        relaxation times; one more fit, on one time point fewer; ``"landscape"`` with
+        fewer than three time points).
+    relaxation
+        Relaxation time of ``extrapolate="damped"``, in units of the training interval at
+        that end (the last one forward, the first one backward): past the end the
+        velocity and growth of the end are multiplied by ``exp(-d / (relaxation * dt))``
+        at distance ``d`` from it. Small values approach ``"landscape"``, large ones
+        ``"continue"``.
     """
 
     hidden: int = 128
@@ -184,8 +193,13 @@ class DynamicsParams:
     growth_path: str = "linear"
     path_weight: str = "plan"
     extrapolate: str = "landscape"
+    relaxation: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (0 < self.relaxation < math.inf):
+            raise ChronotopeInputError(
+                f"relaxation must be a positive finite number, got {self.relaxation}."
+            )
         if self.extrapolate not in (*EXTRAPOLATE_MODES, "auto"):
             raise ChronotopeInputError(
                 f"extrapolate must be one of {', '.join(EXTRAPOLATE_MODES)} or auto, got "
@@ -442,6 +456,7 @@ class DynamicsModel:
         self.history_: dict[str, np.ndarray] = {}
         self.timings_: dict[str, float] = {}
         self.extrapolate_: str = "landscape"
+        self.relaxation_: float = self.params.relaxation
         self.extrapolation_scores_: dict[str, float] = {}
         self._frame: _Frame | None = None
 
@@ -531,6 +546,7 @@ class DynamicsModel:
         scheduler: Scheduler,
     ) -> None:
         self.extrapolation_scores_ = {}
+        self.relaxation_ = self.params.relaxation
         if self.params.extrapolate != "auto":
             self.extrapolate_ = self.params.extrapolate
             return
@@ -553,6 +569,8 @@ class DynamicsModel:
             scheduler=scheduler,
         )
         self.extrapolate_ = bt.choice
+        if bt.relaxation is not None:
+            self.relaxation_ = bt.relaxation
         self.extrapolation_scores_ = dict(bt.scores)
         self.timings_["extrapolation_backtest"] = bt.seconds
 
@@ -733,7 +751,8 @@ class DynamicsModel:
         t_eval: np.ndarray | list[float] | None = None,
         step_size: float | None = None,
         seed: int | None = 0,
-        extrapolate: Literal["landscape", "rest", "continue"] | None = None,
+        extrapolate: Literal["landscape", "rest", "continue", "damped"] | None = None,
+        relaxation: float | None = None,
     ) -> SimulationResult:
         """Push weighted particles from ``t0`` to ``t1`` (backward when ``t1 < t0``).
 
@@ -772,8 +791,16 @@ class DynamicsModel:
             regularised unbalanced OT problem, its least-action solution without an end
             constraint; cells spread without bound); the ODE then moves by ``-D *
             score``. ``"continue"``: the fields at the nearest training end go on
-            acting (drift and growth of the last interval). ``docs/dynamics.md``
-            compares the three.
+            acting (drift and growth of the last interval). ``"damped"``: the same
+            fields with their transport and growth decaying, ``v`` and ``g`` times
+            ``exp(-d / (relaxation * dt))`` at distance ``d`` past the end (``dt`` the
+            training interval at that end), the score of the end acting undamped (a
+            damped trend: ``"landscape"`` as the relaxation goes to 0, ``"continue"`` as
+            it grows). ``docs/dynamics.md`` compares them.
+        relaxation
+            Relaxation time of ``"damped"`` in units of the end interval; default the
+            model's own (``relaxation_``: ``DynamicsParams.relaxation``, or the backtest's
+            choice with ``"auto"``).
 
         Returns
         -------
@@ -788,6 +815,9 @@ class DynamicsModel:
             raise ChronotopeInputError(
                 f"extrapolate must be one of {', '.join(EXTRAPOLATE_MODES)}, got {extrapolate!r}."
             )
+        relax = self.relaxation_ if relaxation is None else float(relaxation)
+        if not (0 < relax < math.inf):
+            raise ChronotopeInputError(f"relaxation must be a positive finite number, got {relax}.")
         x = self._points(x0)
         n = x.shape[0]
         if weights is None:
@@ -818,6 +848,7 @@ class DynamicsModel:
         sig_z = math.sqrt(2.0 * diff_z)
         xs, ws, t_now = [], [], t0
         t_lo, t_hi = frame.t_min, frame.t_min + frame.t_span
+        damping = self._damping(relax)
         for t_target in grid:
             # steps never straddle an end of the training range: outside it the fields
             # may change (extrapolate)
@@ -833,13 +864,16 @@ class DynamicsModel:
                 if n_steps:
                     h = (span / n_steps) / frame.t_span
                     tau = frame.tau(t_now)
+                    damp = damping if mode == "damped" else None
                     for _ in range(n_steps):
                         if method == "ode":
                             z, dlogw = self._rk4(
-                                nets, z, tau, h, diff_z if mode == "rest" else None
+                                nets, z, tau, h, diff_z if mode == "rest" else None, damp
                             )
                         else:
-                            z, dlogw = self._em(nets, z, tau, h, diff_z, sig_z, gen, mode=mode)
+                            z, dlogw = self._em(
+                                nets, z, tau, h, diff_z, sig_z, gen, mode=mode, damping=damp
+                            )
                         logw = logw + dlogw.double()
                         tau += h
                 t_now = t_stop
@@ -848,19 +882,42 @@ class DynamicsModel:
             ws.append(wt.cpu().numpy())
         return SimulationResult(times=grid.copy(), x=np.stack(xs), weights=np.stack(ws))
 
+    def _damping(self, relaxation: float) -> Callable[[float], float]:
+        """``tau -> exp(-d / (relaxation * dt_end))`` outside ``[0, 1]`` (network time)."""
+        times = np.asarray(self.times_, dtype=np.float64)
+        span = self._require_frame().t_span
+        dt_first = (times[1] - times[0]) / span if times.size > 1 else 1.0
+        dt_last = (times[-1] - times[-2]) / span if times.size > 1 else 1.0
+
+        def factor(tau: float) -> float:
+            if tau > 1.0:
+                return math.exp(-(tau - 1.0) / (relaxation * dt_last))
+            if tau < 0.0:
+                return math.exp(tau / (relaxation * dt_first))
+            return 1.0
+
+        return factor
+
     @staticmethod
     def _rk4(
-        nets: _Networks, z: torch.Tensor, tau: float, h: float, rest_diffusion: float | None
+        nets: _Networks,
+        z: torch.Tensor,
+        tau: float,
+        h: float,
+        rest_diffusion: float | None,
+        damping: Callable[[float], float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One RK4 step; ``rest_diffusion`` (``D``): the zero-drift, zero-growth rest
-        process outside the training range, whose probability flow is ``-D * score``."""
+        process outside the training range, whose probability flow is ``-D * score``;
+        ``damping``: ``tau -> factor`` on velocity and growth (``"damped"``)."""
 
         def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
             tt_t = torch.tensor([[_clamp_tau(tt)]], dtype=zz.dtype, device=zz.device)
             if rest_diffusion is not None:
                 s = nets.score(zz, tt_t).detach()
                 return -rest_diffusion * s, torch.zeros_like(zz[:, 0])
-            return nets.v(zz, tt_t), nets.g(zz, tt_t)
+            lam = 1.0 if damping is None else damping(tt)
+            return lam * nets.v(zz, tt_t), lam * nets.g(zz, tt_t)
 
         with torch.no_grad():
             k1, g1 = f(z, tau)
@@ -881,11 +938,13 @@ class DynamicsModel:
         gen: torch.Generator,
         *,
         mode: str = "continue",
+        damping: Callable[[float], float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One Euler-Maruyama step. ``mode`` (outside the training range): ``"rest"``,
         zero drift (``v = -D * score``) and zero growth; ``"landscape"``, zero velocity
         and growth, the score of the nearest training end (Langevin in the frozen
-        landscape, the same in both time directions); ``"continue"``: the fields."""
+        landscape, the same in both time directions); ``"continue"``: the fields;
+        ``"damped"``: the fields with velocity and growth times ``damping(tau)``."""
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         if mode == "rest" and h > 0:  # forward at rest: the drift v + D s is zero, noise only
             return z + sig_z * math.sqrt(h) * noise, torch.zeros_like(z[:, 0])
@@ -895,9 +954,10 @@ class DynamicsModel:
             v = -diff_z * s if mode == "rest" else torch.zeros_like(z)
             g = torch.zeros_like(z[:, 0])
         else:
+            lam = 1.0 if damping is None else damping(tau)
             with torch.no_grad():
-                v = nets.v(z, tt)
-                g = nets.g(z, tt)
+                v = lam * nets.v(z, tt)
+                g = lam * nets.g(z, tt)
         # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
         z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise
         return z_new, h * g
@@ -925,6 +985,7 @@ class DynamicsModel:
             "t_span": frame.t_span,
             "timings": self.timings_,
             "extrapolate": self.extrapolate_,
+            "relaxation": self.relaxation_,
             "extrapolation_scores": self.extrapolation_scores_,
             "has_gene_map": isinstance(self.gene_map, GeneMap),
             "neural_gene_map": isinstance(self.gene_map, NeuralGeneMap),
@@ -1023,6 +1084,7 @@ class DynamicsModel:
         model.masses_ = np.asarray(cfg["masses"])
         model.timings_ = dict(cfg.get("timings", {}))
         model.extrapolate_ = str(cfg.get("extrapolate", "landscape"))
+        model.relaxation_ = float(cfg.get("relaxation", model.params.relaxation))
         model.extrapolation_scores_ = dict(cfg.get("extrapolation_scores", {}))
         model._frame = _Frame(
             np.asarray(cfg["shift"]), float(cfg["scale"]), cfg["t_min"], cfg["t_span"]

@@ -178,6 +178,7 @@ def fit_dynamics(
     tau_a: float | None = None,
     path_weight: str | None = None,
     extrapolate: str | None = None,
+    relaxation: float | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -215,8 +216,13 @@ def fit_dynamics(
         over the unbalanced path measure, for data with strong differential growth).
     extrapolate
         The model's continuation past its training times (``DynamicsParams.extrapolate``):
-        ``"landscape"`` (default), ``"rest"``, ``"continue"`` or ``"auto"`` (chosen by
-        backtesting on the last training time point; one more fit).
+        ``"landscape"`` (default), ``"rest"``, ``"continue"``, ``"damped"`` (the last
+        fields' transport and growth decay with relaxation time ``relaxation``) or
+        ``"auto"`` (chosen by backtesting on the last training time point, ``"damped"``
+        at several relaxation times; one more fit).
+    relaxation
+        Relaxation time of ``"damped"`` in units of the last training interval
+        (``DynamicsParams.relaxation``, default 1).
     finetune_steps
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
@@ -260,6 +266,7 @@ def fit_dynamics(
             "tau_a": tau_a,
             "path_weight": path_weight,
             "extrapolate": extrapolate,
+            "relaxation": relaxation,
         }.items()
         if v is not None
     }
@@ -324,6 +331,7 @@ def fit_dynamics(
         "masses": np.asarray(model.masses_, dtype=np.float64),
         "timings": {k: float(v) for k, v in model.timings_.items()},
         "extrapolate": model.extrapolate_,
+        "relaxation": float(model.relaxation_),
         "extrapolation_scores": {k: float(v) for k, v in model.extrapolation_scores_.items()},
         "loss": np.asarray(model.history_.get("loss", []), dtype=np.float32),
         "velocity_key": vkey,
@@ -922,7 +930,8 @@ def predict_dynamics(
     step_size: float | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
-    extrapolate: Literal["landscape", "rest", "continue"] | None = None,
+    extrapolate: Literal["landscape", "rest", "continue", "damped"] | None = None,
+    relaxation: float | None = None,
 ) -> AnnData:
     """Push the cells of the first time point to ``time``: weighted particles, a new AnnData.
 
@@ -957,8 +966,12 @@ def predict_dynamics(
         (``model.extrapolate_``, set at fit time); ``"landscape"`` (no transport and no
         growth, cells diffuse in the landscape frozen at the training end, so its
         marginal stays), ``"rest"`` (zero drift and growth: diffusion only, the cloud
-        spreads) or ``"continue"`` (the fields at the last training time keep acting).
+        spreads), ``"continue"`` (the fields at the last training time keep acting) or
+        ``"damped"`` (they act with a decaying transport and growth).
         See :meth:`chronotope.dynamics.DynamicsModel.simulate`.
+    relaxation
+        Relaxation time of ``"damped"`` (units of the end interval); default the model's
+        own (``model.relaxation_``).
 
     Returns
     -------
@@ -973,6 +986,7 @@ def predict_dynamics(
 
     m = _model(model, device)
     extrapolate = extrapolate or m.extrapolate_  # type: ignore[assignment]
+    relax = float(m.relaxation_ if relaxation is None else relaxation)
     x, t, times, tkey = _snapshots(adata, m, time_key)
     t0 = float(times[0]) if start_time is None else match_time(times, start_time, "start_time")
     tv = float(time)
@@ -1001,6 +1015,7 @@ def predict_dynamics(
         step_size=step_size,
         seed=seed,
         extrapolate=extrapolate,
+        relaxation=relax,
     )
     xp, wp = res.final
     names = np.repeat(np.asarray(adata.obs_names)[idx], n_particles)
@@ -1025,6 +1040,7 @@ def predict_dynamics(
             "n_particles": int(n_particles),
             "seed": int(seed),
             "extrapolate": extrapolate,
+            "relaxation": relax,
         },
         "total_mass": float(wp.sum()),
     }
