@@ -819,8 +819,8 @@ def dynamics_fit(
         str,
         typer.Option(
             help="The model's continuation past its training times: landscape, rest, "
-            "continue, damped (the last fields' transport and growth decay with "
-            "--relaxation), or auto (chosen by backtesting on the last training time "
+            "continue, damped (the last fields' transport decays with --relaxation, "
+            "growth goes on), or auto (chosen by backtesting on the last training time "
             "point, damped at several relaxation times; one more fit)."
         ),
     ] = "landscape",
@@ -901,7 +901,7 @@ def dynamics_predict(
             "by 'dynamics fit --extrapolate'), or landscape (no transport or growth; cells "
             "diffuse in the landscape frozen at the last training time), rest (zero drift "
             "and growth, diffusion only), continue (the last fields keep acting), damped "
-            "(they act with a decaying transport and growth)."
+            "(they act with a decaying transport; growth goes on)."
         ),
     ] = "model",
     relaxation: Annotated[

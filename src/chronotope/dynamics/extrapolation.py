@@ -5,8 +5,8 @@ No snapshot constrains the dynamics outside the training times, so what a model 
 choice, and the right one depends on the system: a process that keeps moving in the same
 direction is extrapolated best by its last fields (``"continue"``), one that settles by
 the landscape frozen at the last time (``"landscape"``), one that spreads by the diffusion
-alone (``"rest"``), one that slows down by the last fields with a decaying transport and
-growth (``"damped"``, a damped trend, tried at each of ``relaxations``).
+alone (``"rest"``), one that slows down by the last fields with a decaying transport
+(``"damped"``, a damped trend, tried at each of ``relaxations``).
 :func:`backtest_extrapolation` makes the choice from the training data only, the way a
 forecaster is validated: the last training time point is held out, a model with the same
 hyperparameters is fitted to the earlier ones, the cells of the first time point are

@@ -159,8 +159,8 @@ class DynamicsParams:
     extrapolate
         The model's continuation outside the training times (the default of
         :meth:`DynamicsModel.simulate`): ``"landscape"`` (default), ``"rest"``,
-        ``"continue"``, ``"damped"`` (the last fields' transport and growth decay with
-        relaxation time ``relaxation``), or ``"auto"``: chosen during ``fit`` by
+        ``"continue"``, ``"damped"`` (the last fields' transport decays with relaxation
+        time ``relaxation``, their growth goes on), or ``"auto"``: chosen during ``fit`` by
         :func:`~chronotope.dynamics.extrapolation.backtest_extrapolation` (the last
         training time point held out and predicted under each, ``"damped"`` at several
         relaxation times; one more fit, on one time point fewer; ``"landscape"`` with
@@ -168,9 +168,9 @@ class DynamicsParams:
     relaxation
         Relaxation time of ``extrapolate="damped"``, in units of the training interval at
         that end (the last one forward, the first one backward): past the end the
-        velocity and growth of the end are multiplied by ``exp(-d / (relaxation * dt))``
-        at distance ``d`` from it. Small values approach ``"landscape"``, large ones
-        ``"continue"``.
+        velocity of the end is multiplied by ``exp(-d / (relaxation * dt))`` at distance
+        ``d`` from it; the growth rates of the end go on acting. Large values approach
+        ``"continue"``, small ones ``"landscape"`` with growth.
     """
 
     hidden: int = 128
@@ -792,11 +792,12 @@ class DynamicsModel:
             constraint; cells spread without bound); the ODE then moves by ``-D *
             score``. ``"continue"``: the fields at the nearest training end go on
             acting (drift and growth of the last interval). ``"damped"``: the same
-            fields with their transport and growth decaying, ``v`` and ``g`` times
-            ``exp(-d / (relaxation * dt))`` at distance ``d`` past the end (``dt`` the
-            training interval at that end), the score of the end acting undamped (a
-            damped trend: ``"landscape"`` as the relaxation goes to 0, ``"continue"`` as
-            it grows). ``docs/dynamics.md`` compares them.
+            fields with the transport decaying, ``v`` times ``exp(-d / (relaxation *
+            dt))`` at distance ``d`` past the end (``dt`` the training interval at that
+            end), the score and the growth rates of the end acting undamped (a damped
+            trend: cells slow down and settle, and the states they settle in keep
+            their division and death rates; ``"continue"`` as the relaxation grows,
+            ``"landscape"`` with growth as it goes to 0). ``docs/dynamics.md`` compares them.
         relaxation
             Relaxation time of ``"damped"`` in units of the end interval; default the
             model's own (``relaxation_``: ``DynamicsParams.relaxation``, or the backtest's
@@ -909,7 +910,7 @@ class DynamicsModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One RK4 step; ``rest_diffusion`` (``D``): the zero-drift, zero-growth rest
         process outside the training range, whose probability flow is ``-D * score``;
-        ``damping``: ``tau -> factor`` on velocity and growth (``"damped"``)."""
+        ``damping``: ``tau -> factor`` on the velocity (``"damped"``)."""
 
         def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
             tt_t = torch.tensor([[_clamp_tau(tt)]], dtype=zz.dtype, device=zz.device)
@@ -917,7 +918,7 @@ class DynamicsModel:
                 s = nets.score(zz, tt_t).detach()
                 return -rest_diffusion * s, torch.zeros_like(zz[:, 0])
             lam = 1.0 if damping is None else damping(tt)
-            return lam * nets.v(zz, tt_t), lam * nets.g(zz, tt_t)
+            return lam * nets.v(zz, tt_t), nets.g(zz, tt_t)
 
         with torch.no_grad():
             k1, g1 = f(z, tau)
@@ -944,7 +945,7 @@ class DynamicsModel:
         zero drift (``v = -D * score``) and zero growth; ``"landscape"``, zero velocity
         and growth, the score of the nearest training end (Langevin in the frozen
         landscape, the same in both time directions); ``"continue"``: the fields;
-        ``"damped"``: the fields with velocity and growth times ``damping(tau)``."""
+        ``"damped"``: the fields with the velocity times ``damping(tau)``."""
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         if mode == "rest" and h > 0:  # forward at rest: the drift v + D s is zero, noise only
             return z + sig_z * math.sqrt(h) * noise, torch.zeros_like(z[:, 0])
@@ -957,7 +958,7 @@ class DynamicsModel:
             lam = 1.0 if damping is None else damping(tau)
             with torch.no_grad():
                 v = lam * nets.v(z, tt)
-                g = lam * nets.g(z, tt)
+                g = nets.g(z, tt)
         # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
         z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise
         return z_new, h * g

@@ -217,7 +217,7 @@ def fit_dynamics(
     extrapolate
         The model's continuation past its training times (``DynamicsParams.extrapolate``):
         ``"landscape"`` (default), ``"rest"``, ``"continue"``, ``"damped"`` (the last
-        fields' transport and growth decay with relaxation time ``relaxation``) or
+        fields' transport decays with relaxation time ``relaxation``, growth goes on) or
         ``"auto"`` (chosen by backtesting on the last training time point, ``"damped"``
         at several relaxation times; one more fit).
     relaxation
@@ -967,7 +967,7 @@ def predict_dynamics(
         growth, cells diffuse in the landscape frozen at the training end, so its
         marginal stays), ``"rest"`` (zero drift and growth: diffusion only, the cloud
         spreads), ``"continue"`` (the fields at the last training time keep acting) or
-        ``"damped"`` (they act with a decaying transport and growth).
+        ``"damped"`` (they act with a decaying transport; growth goes on).
         See :meth:`chronotope.dynamics.DynamicsModel.simulate`.
     relaxation
         Relaxation time of ``"damped"`` (units of the end interval); default the model's
