@@ -445,7 +445,7 @@ def truth_lines(name: str, d: Data, model: Any, peers: dict[str, Any], seed: int
 def _continuation(model: Any) -> str:
     """The model's continuation, with its relaxation time when it is damped."""
     if model.extrapolate_ == "damped":
-        return f"damped({model.relaxation_:g})"
+        return f"damped({model.relaxation_:g}{'' if model.damped_growth_ else ', no growth'})"
     return str(model.extrapolate_)
 
 

@@ -96,6 +96,9 @@ def test_damped_continuation_decays_the_last_drift(tmp_path: Path) -> None:
     x0 = x[t == 0]
     back = (model.simulate(x0, 0.0, -1.0, method="ode", extrapolate="damped").final[0] - x0).mean(0)
     np.testing.assert_allclose(back, -(1.0 - np.exp(-1.0)) * DRIFT, atol=0.3)
+    # without growth past the end the masses stay as they were at the end
+    stay = model.simulate(x2, 2.0, 3.0, method="ode", extrapolate="damped", damped_growth=False)
+    np.testing.assert_allclose(stay.weights[-1], stay.weights[0], rtol=1e-6)
     # the model's own relaxation is the default, and it is saved
     model.relaxation_ = 0.5
     np.testing.assert_allclose(
@@ -121,3 +124,21 @@ def test_backtest_needs_three_time_points(caplog) -> None:
         model = DynamicsModel(extrapolate="auto", **{**SMALL, "n_steps": 50}).fit(x, t)
     assert model.extrapolate_ == "landscape" and model.extrapolation_scores_ == {}
     assert "three or more time points" in caplog.text
+
+
+@pytest.mark.parametrize(("last", "grows"), [(800, True), (100, False)])
+def test_backtest_decides_growth_past_the_end_by_mass(last: int, grows: bool) -> None:
+    """Cells slow down (steps 1, 1/2, 1/4) while their number doubles: "damped" wins the
+    shape; keeping the growth is right when the held-out count doubles again, not when it
+    falls back."""
+    rng = np.random.default_rng(0)
+    means = [0.0, 1.0, 1.5, 1.75]
+    sizes = [100, 200, 400, last]
+    x = np.vstack(
+        [rng.normal(size=(n, 2)) * 0.3 + m * DRIFT for m, n in zip(means, sizes, strict=True)]
+    )
+    t = np.repeat(np.arange(4, dtype=np.float64), sizes)
+    bt = backtest_extrapolation(x, t, params=DynamicsParams(**SMALL))
+    assert bt.choice == "damped", bt.scores
+    assert bt.damped_growth is grows, bt.mass_errors
+    assert set(bt.mass_errors) == {"growth", "no growth"}

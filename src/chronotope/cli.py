@@ -828,6 +828,12 @@ def dynamics_fit(
         float,
         typer.Option(help="Relaxation time of --extrapolate damped, in last intervals."),
     ] = 1.0,
+    damped_growth: Annotated[
+        bool,
+        typer.Option(
+            help="Whether the end's growth rates act in --extrapolate damped (auto chooses)."
+        ),
+    ] = True,
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
@@ -856,6 +862,7 @@ def dynamics_fit(
         path_weight=path_weight,
         extrapolate=extrapolate,
         relaxation=relaxation,
+        damped_growth=damped_growth,
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,
@@ -877,7 +884,8 @@ def dynamics_fit(
 def _continuation(model: object) -> str:
     mode = str(model.extrapolate_)  # type: ignore[attr-defined]
     if mode == "damped":
-        return f"damped (relaxation {model.relaxation_:g})"  # type: ignore[attr-defined]
+        growth = "growth" if model.damped_growth_ else "no growth"  # type: ignore[attr-defined]
+        return f"damped (relaxation {model.relaxation_:g}, {growth})"  # type: ignore[attr-defined]
     return mode
 
 

@@ -52,6 +52,13 @@ class ExtrapolationBacktest:
     ----------
     relaxation
         The relaxation time of the winner when it is ``"damped"``, else ``None``.
+    damped_growth
+        When the winner is ``"damped"``: whether the end's growth rates should act past
+        the end, chosen by the total predicted mass at the held-out time against its
+        mass (the cell-count ratio, or ``masses``); else ``None``.
+    mass_errors
+        ``|predicted total mass - held-out mass|`` with (``"growth"``) and without
+        (``"no growth"``) the end's growth, for a ``"damped"`` winner.
     choice
         The continuation with the smallest divergence (a name of ``EXTRAPOLATE_MODES``).
     scores
@@ -68,6 +75,8 @@ class ExtrapolationBacktest:
     held_time: float = float("nan")
     seconds: float = 0.0
     relaxation: float | None = None
+    damped_growth: bool | None = None
+    mass_errors: dict[str, float] = field(default_factory=dict)
 
 
 def divergence_w1(
@@ -210,6 +219,7 @@ def backtest_extrapolation(
         for r in (relaxations if mode == "damped" else (None,))
     ]
     scores: dict[str, float] = {}
+    masses_at: dict[str, float] = {}
     for name, mode, relax in candidates:
         res = model.simulate(
             start,
@@ -222,16 +232,53 @@ def backtest_extrapolation(
         )
         xp, wp = res.final
         scores[name] = divergence_w1(xp, target, wp, device=model.device)
+        masses_at[name] = float(wp.sum())
     best = min(scores, key=scores.__getitem__)
     _, choice, relaxation = next(c for c in candidates if c[0] == best)
+    damped_growth: bool | None = None
+    mass_errors: dict[str, float] = {}
+    if choice == "damped":
+        # growth past the end is a separate question: the divergence compares shapes
+        # (masses normalised), the total mass is compared with the held-out mass
+        if masses is None:
+            counts = np.array([(t == v).sum() for v in (times[0], held)], dtype=np.float64)
+            truth = float(counts[1] / counts[0])
+        else:
+            m = np.asarray(masses, dtype=np.float64)
+            truth = float(m[-1] / m[0])
+        off = model.simulate(
+            start,
+            float(times[0]),
+            held,
+            method="sde",
+            seed=p.seed,
+            extrapolate="damped",
+            relaxation=relaxation,
+            damped_growth=False,
+        )
+        mass_errors = {
+            "growth": abs(masses_at[best] - truth),
+            "no growth": abs(float(off.final[1].sum()) - truth),
+        }
+        damped_growth = mass_errors["growth"] <= mass_errors["no growth"]
     seconds = _time.perf_counter() - tic
     logger.info(
-        "extrapolation backtest (predict t=%g from a fit without it): %s -> %s (%.1f s)",
+        "extrapolation backtest (predict t=%g from a fit without it): %s -> %s%s (%.1f s)",
         held,
         ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
         best,
+        ""
+        if damped_growth is None
+        else f"; mass error with growth {mass_errors['growth']:.3g}, without "
+        f"{mass_errors['no growth']:.3g} -> growth {'on' if damped_growth else 'off'}",
         seconds,
     )
     return ExtrapolationBacktest(
-        choice=choice, scores=scores, held_time=held, seconds=seconds, relaxation=relaxation
+        choice=choice,
+        scores=scores,
+        held_time=held,
+        seconds=seconds,
+        relaxation=relaxation,
+        damped_growth=damped_growth,
+        mass_errors=mass_errors,
     )

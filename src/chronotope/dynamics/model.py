@@ -169,8 +169,12 @@ class DynamicsParams:
         Relaxation time of ``extrapolate="damped"``, in units of the training interval at
         that end (the last one forward, the first one backward): past the end the
         velocity of the end is multiplied by ``exp(-d / (relaxation * dt))`` at distance
-        ``d`` from it; the growth rates of the end go on acting. Large values approach
-        ``"continue"``, small ones ``"landscape"`` with growth.
+        ``d`` from it; the growth rates of the end go on acting (``damped_growth``).
+        Large values approach ``"continue"``, small ones ``"landscape"`` with growth.
+    damped_growth
+        Whether the growth rates of the end act in ``"damped"`` (default) or growth
+        stops there; with ``"auto"`` the backtest chooses, by the total mass it predicts
+        for the held-out time point against the masses.
     """
 
     hidden: int = 128
@@ -194,6 +198,7 @@ class DynamicsParams:
     path_weight: str = "plan"
     extrapolate: str = "landscape"
     relaxation: float = 1.0
+    damped_growth: bool = True
 
     def __post_init__(self) -> None:
         if not (0 < self.relaxation < math.inf):
@@ -457,6 +462,7 @@ class DynamicsModel:
         self.timings_: dict[str, float] = {}
         self.extrapolate_: str = "landscape"
         self.relaxation_: float = self.params.relaxation
+        self.damped_growth_: bool = self.params.damped_growth
         self.extrapolation_scores_: dict[str, float] = {}
         self._frame: _Frame | None = None
 
@@ -547,6 +553,7 @@ class DynamicsModel:
     ) -> None:
         self.extrapolation_scores_ = {}
         self.relaxation_ = self.params.relaxation
+        self.damped_growth_ = self.params.damped_growth
         if self.params.extrapolate != "auto":
             self.extrapolate_ = self.params.extrapolate
             return
@@ -571,6 +578,8 @@ class DynamicsModel:
         self.extrapolate_ = bt.choice
         if bt.relaxation is not None:
             self.relaxation_ = bt.relaxation
+        if bt.damped_growth is not None:
+            self.damped_growth_ = bt.damped_growth
         self.extrapolation_scores_ = dict(bt.scores)
         self.timings_["extrapolation_backtest"] = bt.seconds
 
@@ -753,6 +762,7 @@ class DynamicsModel:
         seed: int | None = 0,
         extrapolate: Literal["landscape", "rest", "continue", "damped"] | None = None,
         relaxation: float | None = None,
+        damped_growth: bool | None = None,
     ) -> SimulationResult:
         """Push weighted particles from ``t0`` to ``t1`` (backward when ``t1 < t0``).
 
@@ -802,6 +812,9 @@ class DynamicsModel:
             Relaxation time of ``"damped"`` in units of the end interval; default the
             model's own (``relaxation_``: ``DynamicsParams.relaxation``, or the backtest's
             choice with ``"auto"``).
+        damped_growth
+            Whether the end's growth rates act in ``"damped"``; default the model's own
+            (``damped_growth_``).
 
         Returns
         -------
@@ -850,6 +863,7 @@ class DynamicsModel:
         xs, ws, t_now = [], [], t0
         t_lo, t_hi = frame.t_min, frame.t_min + frame.t_span
         damping = self._damping(relax)
+        keep_growth = self.damped_growth_ if damped_growth is None else bool(damped_growth)
         for t_target in grid:
             # steps never straddle an end of the training range: outside it the fields
             # may change (extrapolate)
@@ -866,14 +880,24 @@ class DynamicsModel:
                     h = (span / n_steps) / frame.t_span
                     tau = frame.tau(t_now)
                     damp = damping if mode == "damped" else None
+                    grow = keep_growth or mode != "damped"
                     for _ in range(n_steps):
                         if method == "ode":
                             z, dlogw = self._rk4(
-                                nets, z, tau, h, diff_z if mode == "rest" else None, damp
+                                nets, z, tau, h, diff_z if mode == "rest" else None, damp, grow
                             )
                         else:
                             z, dlogw = self._em(
-                                nets, z, tau, h, diff_z, sig_z, gen, mode=mode, damping=damp
+                                nets,
+                                z,
+                                tau,
+                                h,
+                                diff_z,
+                                sig_z,
+                                gen,
+                                mode=mode,
+                                damping=damp,
+                                growth=grow,
                             )
                         logw = logw + dlogw.double()
                         tau += h
@@ -907,10 +931,12 @@ class DynamicsModel:
         h: float,
         rest_diffusion: float | None,
         damping: Callable[[float], float] | None = None,
+        growth: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One RK4 step; ``rest_diffusion`` (``D``): the zero-drift, zero-growth rest
         process outside the training range, whose probability flow is ``-D * score``;
-        ``damping``: ``tau -> factor`` on the velocity (``"damped"``)."""
+        ``damping``: ``tau -> factor`` on the velocity (``"damped"``); ``growth=False``:
+        no growth."""
 
         def f(zz: torch.Tensor, tt: float) -> tuple[torch.Tensor, torch.Tensor]:
             tt_t = torch.tensor([[_clamp_tau(tt)]], dtype=zz.dtype, device=zz.device)
@@ -918,7 +944,8 @@ class DynamicsModel:
                 s = nets.score(zz, tt_t).detach()
                 return -rest_diffusion * s, torch.zeros_like(zz[:, 0])
             lam = 1.0 if damping is None else damping(tt)
-            return lam * nets.v(zz, tt_t), nets.g(zz, tt_t)
+            g = nets.g(zz, tt_t) if growth else torch.zeros_like(zz[:, 0])
+            return lam * nets.v(zz, tt_t), g
 
         with torch.no_grad():
             k1, g1 = f(z, tau)
@@ -940,12 +967,14 @@ class DynamicsModel:
         *,
         mode: str = "continue",
         damping: Callable[[float], float] | None = None,
+        growth: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Euler-Maruyama step. ``mode`` (outside the training range): ``"rest"``,
-        zero drift (``v = -D * score``) and zero growth; ``"landscape"``, zero velocity
-        and growth, the score of the nearest training end (Langevin in the frozen
-        landscape, the same in both time directions); ``"continue"``: the fields;
-        ``"damped"``: the fields with the velocity times ``damping(tau)``."""
+        """One Euler-Maruyama step (``growth=False``: no growth). ``mode`` (outside the
+        training range): ``"rest"``, zero drift (``v = -D * score``) and zero growth;
+        ``"landscape"``, zero velocity and growth, the score of the nearest training end
+        (Langevin in the frozen landscape, the same in both time directions);
+        ``"continue"``: the fields; ``"damped"``: the fields with the velocity times
+        ``damping(tau)``."""
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         if mode == "rest" and h > 0:  # forward at rest: the drift v + D s is zero, noise only
             return z + sig_z * math.sqrt(h) * noise, torch.zeros_like(z[:, 0])
@@ -958,7 +987,7 @@ class DynamicsModel:
             lam = 1.0 if damping is None else damping(tau)
             with torch.no_grad():
                 v = lam * nets.v(z, tt)
-                g = nets.g(z, tt)
+                g = nets.g(z, tt) if growth else torch.zeros_like(z[:, 0])
         # forward (h > 0): v + D s; reverse time (h < 0): -v + D s, with |h| as the step.
         z_new = z + h * v + abs(h) * diff_z * s + sig_z * math.sqrt(abs(h)) * noise
         return z_new, h * g
@@ -987,6 +1016,7 @@ class DynamicsModel:
             "timings": self.timings_,
             "extrapolate": self.extrapolate_,
             "relaxation": self.relaxation_,
+            "damped_growth": self.damped_growth_,
             "extrapolation_scores": self.extrapolation_scores_,
             "has_gene_map": isinstance(self.gene_map, GeneMap),
             "neural_gene_map": isinstance(self.gene_map, NeuralGeneMap),
@@ -1086,6 +1116,7 @@ class DynamicsModel:
         model.timings_ = dict(cfg.get("timings", {}))
         model.extrapolate_ = str(cfg.get("extrapolate", "landscape"))
         model.relaxation_ = float(cfg.get("relaxation", model.params.relaxation))
+        model.damped_growth_ = bool(cfg.get("damped_growth", model.params.damped_growth))
         model.extrapolation_scores_ = dict(cfg.get("extrapolation_scores", {}))
         model._frame = _Frame(
             np.asarray(cfg["shift"]), float(cfg["scale"]), cfg["t_min"], cfg["t_span"]

@@ -179,6 +179,7 @@ def fit_dynamics(
     path_weight: str | None = None,
     extrapolate: str | None = None,
     relaxation: float | None = None,
+    damped_growth: bool | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -223,6 +224,9 @@ def fit_dynamics(
     relaxation
         Relaxation time of ``"damped"`` in units of the last training interval
         (``DynamicsParams.relaxation``, default 1).
+    damped_growth
+        Whether the end's growth rates act in ``"damped"`` (``DynamicsParams.damped_growth``,
+        default ``True``; with ``"auto"`` the backtest chooses).
     finetune_steps
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
@@ -267,6 +271,7 @@ def fit_dynamics(
             "path_weight": path_weight,
             "extrapolate": extrapolate,
             "relaxation": relaxation,
+            "damped_growth": damped_growth,
         }.items()
         if v is not None
     }
@@ -332,6 +337,7 @@ def fit_dynamics(
         "timings": {k: float(v) for k, v in model.timings_.items()},
         "extrapolate": model.extrapolate_,
         "relaxation": float(model.relaxation_),
+        "damped_growth": bool(model.damped_growth_),
         "extrapolation_scores": {k: float(v) for k, v in model.extrapolation_scores_.items()},
         "loss": np.asarray(model.history_.get("loss", []), dtype=np.float32),
         "velocity_key": vkey,
