@@ -28,14 +28,26 @@ def _uns(adata: AnnData, key: str, made_by: str) -> dict:
     return adata.uns[key]
 
 
-def _coordinates(adata: AnnData, key: str, cols: list[int] | None = None) -> np.ndarray:
-    """Cells in ``obsm[key]`` or ``.X`` (only ``cols`` densified when given)."""
+def _coordinates(
+    adata: AnnData,
+    key: str,
+    cols: list[int] | None = None,
+    shape: tuple[int, ...] | None = None,
+    what: str = "",
+) -> np.ndarray:
+    """Cells in ``obsm[key]`` or ``.X``, densified only after the checks: ``shape`` (the
+    whole matrix must have it) or ``cols`` (only those columns are taken)."""
     if key == "X":
         m = adata.X
     elif key in adata.obsm:
         m = adata.obsm[key]
     else:
         raise ChronotopeInputError(f"adata.obsm[{key!r}] is missing.")
+    if shape is not None and tuple(m.shape) != tuple(shape):
+        raise ChronotopeInputError(
+            f"velocity basis {key!r} {tuple(m.shape)} and velocities {what} {tuple(shape)} "
+            "differ in shape; pass velocity_basis= the coordinates the velocity lives in."
+        )
     if cols is not None:
         if max(cols) >= m.shape[1]:
             raise ChronotopeInputError(f"basis {key!r} has {m.shape[1]} dimension(s), dims={cols}.")
@@ -119,12 +131,8 @@ def velocity_streamlines(
     if vkey not in adata.obsm:
         raise ChronotopeInputError(f"adata.obsm[{vkey!r}] is missing.")
     v = np.asarray(adata.obsm[vkey], dtype=np.float64)
-    x_v = _coordinates(adata, vrep)
-    if x_v.shape != v.shape:
-        raise ChronotopeInputError(
-            f"velocity basis {vrep!r} {x_v.shape} and velocities {vkey!r} {v.shape} differ "
-            "in shape; pass velocity_basis= the coordinates the velocity lives in."
-        )
+    # the velocity's own coordinates have its shape (checked before anything is densified)
+    x_v = _coordinates(adata, vrep, shape=v.shape, what=repr(vkey))
     i, j = dims
     if rep == vrep:
         x = x_v
