@@ -442,13 +442,6 @@ def truth_lines(name: str, d: Data, model: Any, peers: dict[str, Any], seed: int
 
 
 # ---------------------------------------------------------------------- one case
-def _continuation(model: Any) -> str:
-    """The model's continuation, with its relaxation time when it is damped."""
-    if model.extrapolate_ == "damped":
-        return f"damped({model.relaxation_:g}{'' if model.damped_growth_ else ', no growth'})"
-    return str(model.extrapolate_)
-
-
 def run_case(
     name: str,
     d: Data,
@@ -549,7 +542,7 @@ def run_case(
                 "t": float(tk),
                 "seed": seed,
                 "extrapolate": mode,
-                "auto_choice": _continuation(model) if ours and mode == "auto" else "",
+                "auto_choice": model.continuation if ours and mode == "auto" else "",
                 "backtest_s": model.timings_.get("extrapolation_backtest", float("nan"))
                 if ours
                 else float("nan"),
@@ -572,7 +565,7 @@ def run_case(
             print(
                 f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}"
                 f"{' ' + mode if mode else ''}"
-                f"{' -> ' + _continuation(model) if ours and mode == 'auto' else ''}: "
+                f"{' -> ' + model.continuation if ours and mode == 'auto' else ''}: "
                 f"W1 {score:.4f} "
                 f"(positions only {score_pos:.4f}) | "
                 f"previous {prev:.4f} | McCann {mc:.4f}{peer_txt} | mass err "

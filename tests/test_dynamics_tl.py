@@ -319,6 +319,9 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     assert code == 0, err
     mx = DynamicsModel.load(tmp_path / "mx")
     assert mx.extrapolate_ == "damped" and mx.relaxation_ == 0.75
+    assert mx.continuation == "damped(0.75)"
+    mx.damped_growth_ = False
+    assert mx.continuation == "damped(0.75, no growth)"
     code, _, err = _run(
         capsys,
         "-q",

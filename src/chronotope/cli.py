@@ -876,17 +876,9 @@ def dynamics_fit(
         typer.echo(
             f"wrote {out}: {use_rep} ({model.dim}-D), times "
             f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
-            f"sigma {rec['sigma']:.3g}, extrapolation {_continuation(model)}, "
+            f"sigma {rec['sigma']:.3g}, extrapolation {model.continuation}, "
             f"{rec['seconds']:.1f} s"
         )
-
-
-def _continuation(model: object) -> str:
-    mode = str(model.extrapolate_)  # type: ignore[attr-defined]
-    if mode == "damped":
-        growth = "growth" if model.damped_growth_ else "no growth"  # type: ignore[attr-defined]
-        return f"damped (relaxation {model.relaxation_:g}, {growth})"  # type: ignore[attr-defined]
-    return mode
 
 
 @dynamics_app.command("predict")

@@ -728,6 +728,13 @@ class DynamicsModel:
             outs.append(o.cpu().numpy().astype(np.float64))
         return np.concatenate(outs)
 
+    @property
+    def continuation(self) -> str:
+        """The model's own continuation past its data, e.g. ``"damped(0.25, no growth)"``."""
+        if self.extrapolate_ != "damped":
+            return self.extrapolate_
+        return f"damped({self.relaxation_:g}{'' if self.damped_growth_ else ', no growth'})"
+
     def velocity(self, x: np.ndarray, t: float) -> np.ndarray:
         """Probability-flow velocity ``v(x, t)``, ``(n, d)``, representation units per time."""
         return self._field(x, t, "v")
