@@ -159,3 +159,32 @@ def test_bad_inputs_raise_clear_errors() -> None:
     # numeric strings are numbers
     _, _, times = check_snapshots(x, t.astype(str))
     np.testing.assert_array_equal(times, [0.0, 1.0])
+
+
+def test_drop_last_equals_solving_without_the_last_time_point() -> None:
+    """drop_last is the couplings of the earlier cells, renumbered, with no solve."""
+    rng = np.random.default_rng(3)
+    sizes = (40, 50, 45, 55)
+    # rows of the time points interleaved, so the renumbering is exercised
+    t = rng.permutation(np.repeat(np.arange(4.0), sizes))
+    x = rng.normal(size=(t.size, 2)) + t[:, None] * 0.7
+    full = snapshot_couplings(x, t, seed=5)
+    head = full.drop_last(t)
+    keep = t < 3
+    fresh = snapshot_couplings(x[keep], t[keep], seed=5, sigma=full.sigma)
+    np.testing.assert_array_equal(head.times, fresh.times)
+    np.testing.assert_allclose(head.masses, fresh.masses)
+    assert head.sigma == fresh.sigma
+    assert len(head.intervals) == len(fresh.intervals) == 2
+    for a, b in zip(head.intervals, fresh.intervals, strict=True):
+        np.testing.assert_array_equal(a.source, b.source)
+        np.testing.assert_array_equal(a.target, b.target)
+        np.testing.assert_array_equal(a.pairs, b.pairs)
+        np.testing.assert_allclose(a.row_mass, b.row_mass)
+    np.testing.assert_allclose(head.growth, fresh.growth)  # NaN at t = 2 in both
+    assert np.isnan(head.growth[t[keep] == 2]).all()
+    assert np.isfinite(head.growth[t[keep] < 2]).all()
+    with pytest.raises(ChronotopeInputError, match="one time per cell"):
+        full.drop_last(t[:-1])
+    with pytest.raises(ChronotopeInputError, match="three or more"):
+        head.drop_last(t[keep]).drop_last(t[keep][t[keep] < 2])

@@ -120,10 +120,12 @@ def test_backtest_needs_three_time_points(caplog) -> None:
         backtest_extrapolation(x, t, modes=("drift",))
     with pytest.raises(ChronotopeInputError, match="extrapolate"):
         DynamicsParams(extrapolate="drift")
-    with caplog.at_level(logging.WARNING, logger="chronotope"):
-        model = DynamicsModel(extrapolate="auto", **{**SMALL, "n_steps": 50}).fit(x, t)
+    assert DynamicsParams().extrapolate == "auto"  # the default: a note, not a warning
+    with caplog.at_level(logging.INFO, logger="chronotope"):
+        model = DynamicsModel(**{**SMALL, "n_steps": 50}).fit(x, t)
     assert model.extrapolate_ == "landscape" and model.extrapolation_scores_ == {}
-    assert "three or more time points" in caplog.text
+    notes = [r for r in caplog.records if "three or more time points" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO
 
 
 @pytest.mark.parametrize(("last", "grows"), [(800, True), (100, False)])
@@ -142,3 +144,19 @@ def test_backtest_decides_growth_past_the_end_by_mass(last: int, grows: bool) ->
     assert bt.choice == "damped", bt.scores
     assert bt.damped_growth is grows, bt.mass_errors
     assert set(bt.mass_errors) == {"growth", "no growth"}
+
+
+def test_fit_backtest_reuses_the_couplings_of_the_earlier_intervals() -> None:
+    """The backtest inside fit reuses the model's couplings (and sigma): the same result as
+    solving them again at that sigma, on fewer steps in proportion to the intervals."""
+    x, t = _gaussians([k * DRIFT for k in range(4)], n=120)
+    model = DynamicsModel(extrapolate="auto", **SMALL).fit(x, t)
+    fresh = backtest_extrapolation(x, t, params=DynamicsParams(**SMALL, sigma=model.sigma_))
+    assert model.extrapolate_ == fresh.choice
+    assert model.extrapolation_scores_ == pytest.approx(fresh.scores, rel=1e-6)
+    reused = backtest_extrapolation(
+        x, t, params=DynamicsParams(**SMALL), couplings=model.couplings_
+    )
+    assert reused.scores == pytest.approx(fresh.scores, rel=1e-6)
+    with pytest.raises(ChronotopeInputError, match="couplings are of"):
+        DynamicsModel(**SMALL).fit(x[t < 3], t[t < 3], couplings=model.couplings_)

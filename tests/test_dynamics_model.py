@@ -26,7 +26,8 @@ def drift_model() -> tuple[DynamicsModel, np.ndarray, np.ndarray]:
     x, t = _shifting_gaussian()
     loadings = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 2)))[0]
     gm = GeneMap(loadings, center=np.arange(5.0), var_names=[f"g{i}" for i in range(5)])
-    model = DynamicsModel(use_rep="X_pca", gene_map=gm, **SMALL).fit(x, t)
+    # a fixed continuation: these tests are about "landscape" and "rest", not the backtest
+    model = DynamicsModel(use_rep="X_pca", gene_map=gm, extrapolate="landscape", **SMALL).fit(x, t)
     return model, x, t
 
 
@@ -93,7 +94,7 @@ def test_rest_extrapolation_stops_drift_and_growth(drift_model) -> None:
 
 
 def test_landscape_extrapolation_freezes_the_last_marginal(drift_model) -> None:
-    """Default ``extrapolate="landscape"``: no transport, no growth, Langevin in U(., t_end)."""
+    """``extrapolate="landscape"``: no transport, no growth, Langevin in U(., t_end)."""
     model, x, t = drift_model
     x2 = x[t == 2]
     # the probability flow of a stationary Langevin dynamics does not move

@@ -818,12 +818,12 @@ def dynamics_fit(
     extrapolate: Annotated[
         str,
         typer.Option(
-            help="The model's continuation past its training times: landscape, rest, "
-            "continue, damped (the last fields' transport decays with --relaxation, "
-            "growth goes on), or auto (chosen by backtesting on the last training time "
-            "point, damped at several relaxation times; one more fit)."
+            help="The model's continuation past its training times: auto (chosen by "
+            "backtesting on the last training time point, damped at several relaxation "
+            "times; one more, smaller fit), landscape, rest, continue, or damped (the last "
+            "fields' transport decays with --relaxation, growth goes on)."
         ),
-    ] = "landscape",
+    ] = "auto",
     relaxation: Annotated[
         float,
         typer.Option(help="Relaxation time of --extrapolate damped, in last intervals."),

@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import time as _time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -144,6 +144,60 @@ class SnapshotCouplings:
     def diffusion(self) -> float:
         """``D = sigma^2 / 2``."""
         return 0.5 * self.sigma**2
+
+    def drop_last(self, time: np.ndarray) -> SnapshotCouplings:
+        """These couplings without the last time point, for the cells before it.
+
+        The result is what :func:`snapshot_couplings` returns for the rows
+        ``time < times[-1]`` with the same ``sigma``, seed and other arguments (each
+        interval is solved on its own, with a seed drawn in order from the seed), without
+        solving anything again: the last interval is dropped, the indices are renumbered
+        to the kept rows, and the cells of the new last time point lose their growth
+        targets (they came from the dropped interval).
+
+        Parameters
+        ----------
+        time
+            ``(n,)`` time of every cell these couplings were computed on.
+
+        Returns
+        -------
+        SnapshotCouplings
+            Couplings of the rows ``time < times[-1]``, in their order.
+        """
+        t = np.asarray(time, dtype=np.float64).ravel()
+        if self.times.size < 3:
+            raise ChronotopeInputError(
+                f"dropping the last time point needs three or more; these couplings have "
+                f"{self.times.size}."
+            )
+        if t.shape != self.growth.shape:
+            raise ChronotopeInputError(
+                f"time must give one time per cell of the couplings ({self.growth.size}), got "
+                f"shape {t.shape}."
+            )
+        keep = t < self.times[-1]
+        if int(keep.sum()) != sum(iv.source.size for iv in self.intervals):
+            raise ChronotopeInputError("time does not match the cells of these couplings.")
+        renumber = np.cumsum(keep) - 1
+        intervals = tuple(
+            replace(
+                iv,
+                source=renumber[iv.source],
+                target=renumber[iv.target],
+                pairs=renumber[iv.pairs],
+            )
+            for iv in self.intervals[:-1]
+        )
+        growth = self.growth[keep].copy()
+        growth[t[keep] == self.times[-2]] = np.nan
+        return SnapshotCouplings(
+            times=self.times[:-1],
+            masses=self.masses[:-1],
+            sigma=self.sigma,
+            intervals=intervals,
+            growth=growth,
+        )
 
 
 def _mean_sqcost(x: np.ndarray, y: np.ndarray) -> float:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chronotope._errors import ChronotopeInputError
+from chronotope.dynamics.couplings import SnapshotCouplings
 from chronotope.dynamics.model import EXTRAPOLATE_MODES, DynamicsModel, DynamicsParams
 
 __all__ = ["ExtrapolationBacktest", "backtest_extrapolation", "divergence_w1"]
@@ -126,7 +127,8 @@ def divergence_w1(
     eps = float(epsilon) * float(geom_xy.mean_cost)
 
     def cost(g: ot.PointCloud, wp: np.ndarray, wq: np.ndarray) -> float:
-        return float(ot.sinkhorn(g, a=wp, b=wq, epsilon=eps, tol=1e-4).reg_ot_cost)
+        # the Euclidean cost at a small epsilon may need more than the default 1000
+        return float(ot.sinkhorn(g, a=wp, b=wq, epsilon=eps, tol=1e-4, max_iter=5000).reg_ot_cost)
 
     value = (
         cost(geom_xy, wa, wb) - 0.5 * cost(geom(x, x), wa, wa) - 0.5 * cost(geom(y, y), wb, wb)
@@ -146,6 +148,7 @@ def backtest_extrapolation(
     n_sub: int = 2000,
     device: str | torch.device | None = "cpu",
     scheduler: object = None,
+    couplings: SnapshotCouplings | None = None,
 ) -> ExtrapolationBacktest:
     """Hold out the last time point, fit the rest, and score each continuation on it.
 
@@ -167,6 +170,18 @@ def backtest_extrapolation(
         At most this many start cells (one SDE particle each) and held-out cells.
     device, scheduler
         As in :meth:`~chronotope.dynamics.DynamicsModel.fit`.
+    couplings
+        The couplings of the model being backtested (of all of ``x``, as
+        ``DynamicsModel.couplings_``): the backtest model reuses all but the last interval
+        (:meth:`~chronotope.dynamics.SnapshotCouplings.drop_last`) and their ``sigma``
+        instead of solving them again. ``None``: solved here, with ``sigma`` set from
+        the earlier time points alone.
+
+    Notes
+    -----
+    The backtest model trains for ``n_steps (T - 2) / (T - 1)`` steps (``T`` training
+    time points), so that each of its intervals gets as many bridge samples as one of the
+    model's (the samples of a step are spread evenly over the intervals).
 
     Returns
     -------
@@ -198,13 +213,21 @@ def backtest_extrapolation(
         )
     held = float(times[-1])
     keep = t < held
-    p = dataclasses.replace(params or DynamicsParams(), extrapolate="landscape")
+    base = params or DynamicsParams()
+    # as many bridge samples per interval as the model's, on one interval fewer
+    n_steps = max(1, round(base.n_steps * (times.size - 2) / (times.size - 1)))
+    p = dataclasses.replace(base, extrapolate="landscape", n_steps=n_steps)
+    head = None
+    if couplings is not None:
+        head = couplings.drop_last(t)
+        p = dataclasses.replace(p, sigma=head.sigma)
     model = DynamicsModel(p, device=device).fit(
         x[keep],
         t[keep],
         masses=None if masses is None else list(np.asarray(masses, np.float64)[:-1]),
         growth_prior=None if growth_prior is None else np.asarray(growth_prior)[keep],
         scheduler=scheduler,  # type: ignore[arg-type]
+        couplings=head,
     )
     rng = np.random.default_rng(p.seed)
     start = x[t == times[0]]

@@ -158,13 +158,14 @@ class DynamicsParams:
         alike; the two agree where growth is uniform.
     extrapolate
         The model's continuation outside the training times (the default of
-        :meth:`DynamicsModel.simulate`): ``"landscape"`` (default), ``"rest"``,
-        ``"continue"``, ``"damped"`` (the last fields' transport decays with relaxation
-        time ``relaxation``, their growth goes on), or ``"auto"``: chosen during ``fit`` by
-        :func:`~chronotope.dynamics.extrapolation.backtest_extrapolation` (the last
-        training time point held out and predicted under each, ``"damped"`` at several
-        relaxation times; one more fit, on one time point fewer; ``"landscape"`` with
-        fewer than three time points).
+        :meth:`DynamicsModel.simulate`): ``"auto"`` (default), chosen during ``fit`` by
+        :func:`~chronotope.dynamics.extrapolation.backtest_extrapolation` among the
+        others (the last training time point held out and predicted under each,
+        ``"damped"`` at several relaxation times; one more, smaller fit that reuses the
+        couplings; ``"landscape"`` with fewer than three time points); or one of them:
+        ``"landscape"``, ``"rest"``, ``"continue"``, ``"damped"`` (the last fields'
+        transport decays with relaxation time ``relaxation``, their growth goes on). Name
+        one to skip the backtest when only the training time range matters.
     relaxation
         Relaxation time of ``extrapolate="damped"``, in units of the training interval at
         that end (the last one forward, the first one backward): past the end the
@@ -196,7 +197,7 @@ class DynamicsParams:
     paths: str = "spline"
     growth_path: str = "linear"
     path_weight: str = "plan"
-    extrapolate: str = "landscape"
+    extrapolate: str = "auto"
     relaxation: float = 1.0
     damped_growth: bool = True
 
@@ -476,6 +477,7 @@ class DynamicsModel:
         growth_prior: np.ndarray | None = None,
         progress: bool = False,
         scheduler: Scheduler = None,
+        couplings: SnapshotCouplings | None = None,
     ) -> DynamicsModel:
         """Couple consecutive snapshots and train the three networks.
 
@@ -496,6 +498,11 @@ class DynamicsModel:
             Where the per-interval couplings are solved: ``None`` (in-process),
             ``"local:N"``, a Dask scheduler address or a ``distributed.Client`` (see
             :func:`~chronotope.dynamics.snapshot_couplings`); training stays here.
+        couplings
+            Couplings of these cells solved before (by
+            :func:`~chronotope.dynamics.snapshot_couplings` with this model's parameters,
+            or :meth:`SnapshotCouplings.drop_last`), used instead of solving them again;
+            ``masses``, ``growth_prior`` and ``scheduler`` then play no part in them.
 
         Returns
         -------
@@ -512,23 +519,31 @@ class DynamicsModel:
                 f"{x.shape[1]} dimensions."
             )
         tic = _time.perf_counter()
-        cpl = snapshot_couplings(
-            x,
-            t,
-            masses=masses,
-            growth_prior=growth_prior,
-            epsilon=p.epsilon,
-            sigma=p.sigma,
-            tau_a=p.tau_a,
-            tau_b=p.tau_b,
-            batch_size=p.coupling_batch_size,
-            n_rounds=p.n_rounds,
-            n_pairs=p.n_pairs,
-            min_cells=p.min_cells,
-            seed=p.seed,
-            device=self.device,
-            scheduler=scheduler,
-        )
+        if couplings is not None:
+            if couplings.growth.shape != t.shape or not np.array_equal(couplings.times, times):
+                raise ChronotopeInputError(
+                    f"couplings are of {couplings.growth.size} cells at times "
+                    f"{list(couplings.times)}, not of these {t.size} cells at {list(times)}."
+                )
+            cpl = couplings
+        else:
+            cpl = snapshot_couplings(
+                x,
+                t,
+                masses=masses,
+                growth_prior=growth_prior,
+                epsilon=p.epsilon,
+                sigma=p.sigma,
+                tau_a=p.tau_a,
+                tau_b=p.tau_b,
+                batch_size=p.coupling_batch_size,
+                n_rounds=p.n_rounds,
+                n_pairs=p.n_pairs,
+                min_cells=p.min_cells,
+                seed=p.seed,
+                device=self.device,
+                scheduler=scheduler,
+            )
         self.timings_ = {"couplings": _time.perf_counter() - tic}
         tic = _time.perf_counter()
         shift = x.mean(0)
@@ -558,7 +573,8 @@ class DynamicsModel:
             self.extrapolate_ = self.params.extrapolate
             return
         if times.size < 3:
-            logger.warning(
+            # the default: a note, not a warning, for every fit on two time points
+            logger.info(
                 "extrapolate='auto' needs three or more time points to backtest; "
                 "using 'landscape'."
             )
@@ -574,6 +590,7 @@ class DynamicsModel:
             growth_prior=growth_prior,
             device=self.device,
             scheduler=scheduler,
+            couplings=self.couplings_,
         )
         self.extrapolate_ = bt.choice
         if bt.relaxation is not None:

@@ -217,10 +217,10 @@ def fit_dynamics(
         over the unbalanced path measure, for data with strong differential growth).
     extrapolate
         The model's continuation past its training times (``DynamicsParams.extrapolate``):
-        ``"landscape"`` (default), ``"rest"``, ``"continue"``, ``"damped"`` (the last
-        fields' transport decays with relaxation time ``relaxation``, growth goes on) or
-        ``"auto"`` (chosen by backtesting on the last training time point, ``"damped"``
-        at several relaxation times; one more fit).
+        ``"auto"`` (the default: chosen by backtesting on the last training time point,
+        ``"damped"`` at several relaxation times; one more, smaller fit), or one of
+        ``"landscape"``, ``"rest"``, ``"continue"``, ``"damped"`` (the last fields'
+        transport decays with relaxation time ``relaxation``, growth goes on).
     relaxation
         Relaxation time of ``"damped"`` in units of the last training interval
         (``DynamicsParams.relaxation``, default 1).
