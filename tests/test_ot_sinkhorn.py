@@ -345,3 +345,37 @@ def test_input_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _solve(x, y, a, bm, epsilon=0.5).dense_plan()
+
+
+# ----------------------------------------------------------- over-relaxation
+@pytest.mark.parametrize("lse_mode", MODES)
+@pytest.mark.parametrize("tau_a", [1.0, 0.998])
+def test_overrelaxation_reaches_the_same_plan_in_fewer_iterations(tau_a, lse_mode):
+    """Small epsilon, where plain Sinkhorn is slow: the over-relaxed iterations end at
+    the same plan (POT's, when balanced), in fewer iterations; a too-large factor is
+    halved by the guard."""
+    x, y, a, b = _problem(3, n=60, m=70)
+    cost = pot.dist(x, y)
+    eps = 0.005 * float(cost.mean())
+    kw = {"epsilon": eps, "tau_a": tau_a, "lse_mode": lse_mode, "tol": 1e-10}
+    plain = _solve(x, y, a, b, **kw)
+    assert plain.converged and plain.n_iter > 300
+    if tau_a == 1.0:
+        ref = pot.sinkhorn(
+            a, b, cost, eps, method="sinkhorn_log", numItermax=200_000, stopThr=1e-13
+        )
+        assert_allclose(plain.dense_plan().numpy(), ref, atol=1e-8)
+    else:  # POT's unbalanced solvers overflow at this epsilon; the plain plan is tested above
+        ref = plain.dense_plan().numpy()
+    for w in ("auto", 1.5, 1.99):
+        out = _solve(x, y, a, b, overrelaxation=w, **kw)
+        assert out.converged, w
+        assert_allclose(out.dense_plan().numpy(), ref, atol=1e-8)
+        if w != 1.99:
+            assert out.n_iter < 0.6 * plain.n_iter, (w, out.n_iter, plain.n_iter)
+
+
+def test_overrelaxation_checks_its_factor():
+    for bad in (0.5, 2.0, "fast"):
+        with pytest.raises(ValueError, match="overrelaxation"):
+            cot.Sinkhorn(overrelaxation=bad)

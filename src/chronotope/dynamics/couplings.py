@@ -280,6 +280,7 @@ def _interval_task(
     max_iter: int,
     tol: float,
     lse_mode: bool | str,
+    overrelaxation: float | str,
     dtype: torch.dtype,
     device: str | torch.device | None,
 ) -> tuple[np.ndarray, dict]:
@@ -316,9 +317,14 @@ def _interval_task(
             b_blk = b_blk * (mass_k[k + 1] * ia.size / n_src) / b_blk.sum()
             geom = PointCloud(xs[ia], xt[ib], dtype=dtype, device=device)
             prob = LinearProblem(geom, a_blk, b_blk, tau_a=tau_a, tau_b=tau_b)
-            out = Sinkhorn(epsilon=eps, max_iter=max_iter, tol=tol, lse_mode=lse_mode, warn=False)(
-                prob
-            )
+            out = Sinkhorn(
+                epsilon=eps,
+                max_iter=max_iter,
+                tol=tol,
+                lse_mode=lse_mode,
+                warn=False,
+                overrelaxation=overrelaxation,
+            )(prob)
             converged &= bool(out.converged)
             with torch.no_grad():
                 plan = out.dense_plan().cpu().numpy()
@@ -369,6 +375,7 @@ def snapshot_couplings(
     max_iter: int = 2000,
     tol: float = 1e-5,
     lse_mode: bool | str = "auto",
+    overrelaxation: float | str = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
     min_cells: int = MIN_CELLS,
@@ -411,6 +418,12 @@ def snapshot_couplings(
         log-domain potentials with Schmitzer's absorption (one kernel product per update,
         falling back to pure log-sum-exp updates if anything turns non-finite); ``True``
         uses log-sum-exp updates throughout (exact, several times slower).
+    overrelaxation
+        Passed to :class:`chronotope.ot.Sinkhorn`: ``"auto"`` (default) over-relaxes the
+        iterations by the factor that is optimal for their measured contraction, which
+        reaches the same plan in 5-15x fewer iterations at the small default epsilon
+        (plain iterations stop at ``max_iter`` there, 0.1 % off the marginals); ``1.0``
+        is plain Sinkhorn.
     dtype, device
         Precision and device of the solves.
     min_cells
@@ -480,6 +493,7 @@ def snapshot_couplings(
         "max_iter": max_iter,
         "tol": tol,
         "lse_mode": lse_mode,
+        "overrelaxation": overrelaxation,
         "dtype": dtype,
         "device": device,
     }

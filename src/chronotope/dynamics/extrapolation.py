@@ -127,8 +127,11 @@ def divergence_w1(
     eps = float(epsilon) * float(geom_xy.mean_cost)
 
     def cost(g: ot.PointCloud, wp: np.ndarray, wq: np.ndarray) -> float:
-        # the Euclidean cost at a small epsilon may need more than the default 1000
-        return float(ot.sinkhorn(g, a=wp, b=wq, epsilon=eps, tol=1e-4, max_iter=5000).reg_ot_cost)
+        # the Euclidean cost at a small epsilon needs many plain iterations: over-relaxed
+        out = ot.sinkhorn(
+            g, a=wp, b=wq, epsilon=eps, tol=1e-4, max_iter=5000, overrelaxation="auto"
+        )
+        return float(out.reg_ot_cost)
 
     value = (
         cost(geom_xy, wa, wb) - 0.5 * cost(geom(x, x), wa, wa) - 0.5 * cost(geom(y, y), wb, wb)
