@@ -152,6 +152,7 @@ def backtest_extrapolation(
     device: str | torch.device | None = "cpu",
     scheduler: object = None,
     couplings: SnapshotCouplings | None = None,
+    progress: bool = False,
 ) -> ExtrapolationBacktest:
     """Hold out the last time point, fit the rest, and score each continuation on it.
 
@@ -179,6 +180,8 @@ def backtest_extrapolation(
         (:meth:`~chronotope.dynamics.SnapshotCouplings.drop_last`) and their ``sigma``
         instead of solving them again. ``None``: solved here, with ``sigma`` set from
         the earlier time points alone.
+    progress
+        Show a progress bar over the backtest model's training steps.
 
     Notes
     -----
@@ -231,6 +234,7 @@ def backtest_extrapolation(
         growth_prior=None if growth_prior is None else np.asarray(growth_prior)[keep],
         scheduler=scheduler,  # type: ignore[arg-type]
         couplings=head,
+        progress=progress,
     )
     rng = np.random.default_rng(p.seed)
     start = x[t == times[0]]

@@ -554,7 +554,7 @@ class DynamicsModel:
         self.couplings_ = cpl
         self._train(frame.z(x), cpl, progress)
         self.timings_["training"] = _time.perf_counter() - tic
-        self._choose_extrapolation(x, t, times, masses, growth_prior, scheduler)
+        self._choose_extrapolation(x, t, times, masses, growth_prior, scheduler, progress)
         return self
 
     def _choose_extrapolation(
@@ -565,6 +565,7 @@ class DynamicsModel:
         masses: np.ndarray | list[float] | None,
         growth_prior: np.ndarray | None,
         scheduler: Scheduler,
+        progress: bool = False,
     ) -> None:
         self.extrapolation_scores_ = {}
         self.relaxation_ = self.params.relaxation
@@ -591,6 +592,7 @@ class DynamicsModel:
             device=self.device,
             scheduler=scheduler,
             couplings=self.couplings_,
+            progress=progress,
         )
         self.extrapolate_ = bt.choice
         if bt.relaxation is not None:
