@@ -563,8 +563,8 @@ class _State:
         target = self.s.overrelaxation
         if target == 1.0:
             return
-        self._checks.append((self.it, e))
         if not self._omega_set:
+            self._checks.append((self.it, e))  # the warm-up errors, read once below
             if self.it < OVERRELAX_WARMUP:
                 return
             self._omega_set = True
