@@ -667,6 +667,12 @@ def main() -> None:
     ap.add_argument("--growth-path", default=None, help="override DynamicsParams.growth_path")
     ap.add_argument("--path-weight", default=None, help="override DynamicsParams.path_weight")
     ap.add_argument(
+        "--growth-neighbors",
+        type=int,
+        default=None,
+        help="override DynamicsParams.growth_neighbors (0: growth from each relaxed plan alone)",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: misa and deepruot_emt, task all, 300 steps (not a measurement)",
@@ -709,6 +715,7 @@ def main() -> None:
         ("paths", args.paths),
         ("growth_path", args.growth_path),
         ("path_weight", args.path_weight),
+        ("growth_neighbors", args.growth_neighbors),
     ):
         if val is not None:
             params[key] = val

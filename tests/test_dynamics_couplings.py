@@ -13,6 +13,16 @@ from chronotope.dynamics import check_snapshots, snapshot_couplings
 ot = pytest.importorskip("ot")
 
 
+def data_root() -> str:
+    from chronotope._validate import MissingFileError
+    from chronotope.datasets import get_data_dir
+
+    try:
+        return str(get_data_dir())
+    except MissingFileError:
+        return ""
+
+
 def _two_snapshots(n0: int = 60, n1: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x0 = rng.normal(size=(n0, 2))
@@ -45,6 +55,7 @@ def test_row_marginals_match_pot(tau_a: float, tau_b: float) -> None:
         max_iter=20000,
         dtype=torch.float64,
         n_pairs=200_000,
+        growth_neighbors=0,  # the relaxed solve itself
     )
     iv = cpl.intervals[0]
     plan = _pot_plan(x, t, iv, tau_a, tau_b)
@@ -168,10 +179,12 @@ def test_drop_last_equals_solving_without_the_last_time_point() -> None:
     # rows of the time points interleaved, so the renumbering is exercised
     t = rng.permutation(np.repeat(np.arange(4.0), sizes))
     x = rng.normal(size=(t.size, 2)) + t[:, None] * 0.7
-    full = snapshot_couplings(x, t, seed=5)
+    # growth_neighbors=0: with pooled growth the kept intervals' rates also pooled the
+    # last interval's growth (documented), so only the unpooled couplings are equal
+    full = snapshot_couplings(x, t, seed=5, growth_neighbors=0)
     head = full.drop_last(t)
     keep = t < 3
-    fresh = snapshot_couplings(x[keep], t[keep], seed=5, sigma=full.sigma)
+    fresh = snapshot_couplings(x[keep], t[keep], seed=5, sigma=full.sigma, growth_neighbors=0)
     np.testing.assert_array_equal(head.times, fresh.times)
     np.testing.assert_allclose(head.masses, fresh.masses)
     assert head.sigma == fresh.sigma
@@ -203,3 +216,69 @@ def test_default_couplings_converge_where_plain_iterations_stop_short() -> None:
     ref = snapshot_couplings(x, t, overrelaxation=1.0, max_iter=20000)
     assert ref.intervals[0].converged
     np.testing.assert_allclose(fast.intervals[0].row_mass, ref.intervals[0].row_mass, rtol=1e-3)
+
+
+def test_growth_prior_from_the_other_intervals() -> None:
+    """Default: relaxed plans, then each interval again around a prior regressed on the
+    other intervals' growth; one interval or a user prior: one solve, as before."""
+    rng = np.random.default_rng(6)
+    sizes = (120, 150, 180)
+    t = np.repeat([0.0, 1.0, 2.5], sizes)
+    x = rng.normal(size=(t.size, 2)) + t[:, None] * [0.8, 0.2]
+    relaxed = snapshot_couplings(x, t, growth_neighbors=0)
+    pooled = snapshot_couplings(x, t)
+    for k, (r, p) in enumerate(zip(relaxed.intervals, pooled.intervals, strict=True)):
+        assert p.converged
+        # the prior carries the population's total mass M_{k+1}
+        np.testing.assert_allclose(p.prior.sum(), pooled.masses[k + 1], rtol=1e-10)
+        assert not np.allclose(p.prior, r.prior)  # r.prior: the population rate
+        assert np.ptp(r.prior) < 1e-12 < np.ptp(p.prior)
+        np.testing.assert_allclose(p.growth, np.log(p.row_mass / p.mass) / p.dt)
+        assert not np.allclose(p.growth, r.growth)
+    # the prior of interval 0 comes from interval 1 alone: a kNN regression of its targets
+    from sklearn.neighbors import KNeighborsRegressor
+
+    iv1 = relaxed.intervals[1]
+    g = KNeighborsRegressor(50).fit(x[iv1.source], iv1.growth).predict(x[t == 0])
+    np.testing.assert_allclose(np.corrcoef(np.log(pooled.intervals[0].prior), g)[0, 1], 1.0)
+    # beyond batch_size the relaxed first plans are one subsampled block per interval;
+    # the prior still covers every source cell
+    blocks = snapshot_couplings(x, t, batch_size=64, epsilon=0.05)
+    for k, iv in enumerate(blocks.intervals):
+        assert iv.n_blocks == 3 and np.ptp(iv.prior) > 0
+        np.testing.assert_allclose(iv.prior.sum(), blocks.masses[k + 1], rtol=1e-10)
+        assert np.corrcoef(iv.prior, pooled.intervals[k].prior)[0, 1] > 0.5
+    # nothing to borrow from: one interval, a user prior, or a balanced problem
+    for kw in ({}, {"growth_prior": np.full(t.size, 0.1)}, {"tau_a": 1.0}):
+        keep = t < 2 if not kw else np.ones(t.size, bool)
+        one = snapshot_couplings(x[keep], t[keep], **kw)
+        one0 = snapshot_couplings(x[keep], t[keep], growth_neighbors=0, **kw)
+        np.testing.assert_array_equal(one.intervals[0].pairs, one0.intervals[0].pairs)
+        np.testing.assert_allclose(one.growth, one0.growth)
+    with pytest.raises(ChronotopeInputError, match="growth_neighbors"):
+        snapshot_couplings(x, t, growth_neighbors=-1)
+
+
+@pytest.mark.skipif(not data_root(), reason="no data folder (set CHRONOTOPE_DATA)")
+def test_pooled_growth_follows_the_true_division_rate_on_simulation_gene() -> None:
+    """DeepRUOT simulation_gene without t = 1: the relaxed plan of the long interval 0 -> 2
+    reads displacement as growth (anti-correlated with the true rate x2^2 / (1 + x2^2));
+    around the prior from the later intervals, the growth follows the true rate there too."""
+    from chronotope import datasets as ds
+
+    a = ds.deepruot("simulation_gene")
+    x, t = np.asarray(a.X, np.float64), a.obs["time"].to_numpy(np.float64)
+    keep = t != 1.0
+    x, t = x[keep], t[keep]
+
+    def corr(cpl, k: int) -> float:
+        iv = cpl.intervals[k]
+        x2 = x[iv.source, 1]
+        return float(np.corrcoef(iv.growth, x2**2 / (1 + x2**2))[0, 1])
+
+    relaxed = snapshot_couplings(x, t, growth_neighbors=0)
+    pooled = snapshot_couplings(x, t)
+    assert corr(relaxed, 0) < -0.1
+    assert corr(pooled, 0) > 0.5
+    for k in (1, 2):  # the later intervals read it right either way
+        assert corr(relaxed, k) > 0.95 and corr(pooled, k) > 0.95

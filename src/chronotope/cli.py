@@ -815,6 +815,13 @@ def dynamics_fit(
             "mass (the unbalanced path measure; for strong differential growth)."
         ),
     ] = "plan",
+    growth_neighbors: Annotated[
+        int,
+        typer.Option(
+            help="Neighbours of the growth prior each interval takes from the other "
+            "intervals' growth (by cell state); 0: each interval's own relaxed plan only."
+        ),
+    ] = 50,
     extrapolate: Annotated[
         str,
         typer.Option(
@@ -860,6 +867,7 @@ def dynamics_fit(
         sigma=sigma,
         epsilon=epsilon,
         path_weight=path_weight,
+        growth_neighbors=growth_neighbors,
         extrapolate=extrapolate,
         relaxation=relaxation,
         damped_growth=damped_growth,

@@ -26,6 +26,21 @@ The **growth target** of a source cell is the log ratio of the mass it sends (th
 of the plan, :math:`r_i`) to the mass it has, per unit time:
 :math:`g_i = \log(r_i / c_i) / \Delta t_k`.
 
+**Growth prior from the other intervals** (``growth_neighbors``, default 50). One
+interval's relaxed plan cannot tell growth from transport: where the sources underpopulate
+a region of the targets, sending more mass from the nearby sources is cheaper than moving
+far ones, so the plan can read a displacement as growth (shorter paths, and growth that
+can even anti-correlate with the true division rate; see ``docs/dynamics.md``). Growth
+is a property of the cell state, and the other intervals hold evidence about it. With two
+or more intervals and no user ``growth_prior``, the relaxed plans are solved first; then,
+for each interval, a time-blind k-nearest-neighbour regression of the **other**
+intervals' growth targets on their source cells' states predicts a rate for this
+interval's sources, shifted by a constant so that the prior's total is :math:`M_{k+1}`;
+and the interval is solved again, relaxed as before (``tau_a``) but around that prior,
+:math:`a_i = c_i \exp(\hat g_{-k}(x_i) \Delta t_k)`. Leaving the interval itself out
+keeps its own plan from being counted twice: the prior carries the other intervals'
+evidence, the relaxation this interval's. With one interval nothing changes.
+
 **Entropy and diffusion.** The entropic plan with squared Euclidean cost and
 :math:`\varepsilon_k = 2\sigma^2\Delta t_k` is the static Schrödinger bridge for Brownian
 motion :math:`\sigma\,dW` over :math:`\Delta t_k` (equivalently :math:`\varepsilon = \sigma^2
@@ -225,6 +240,36 @@ def _draw_pairs(plan: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.
 COUNT_SWING = 1.5
 
 
+def _prior_from_other_intervals(
+    x: np.ndarray,
+    groups: list[np.ndarray],
+    mass_k: np.ndarray,
+    dts: np.ndarray,
+    estimates: list[tuple[np.ndarray, np.ndarray]],
+    n_neighbors: int,
+) -> list[np.ndarray]:
+    """Prior growth rates of each interval's sources from the other intervals' targets.
+
+    ``estimates[j]`` is ``(source cells, growth targets)`` of interval ``j``'s relaxed
+    plan. For interval ``k``: a k-nearest-neighbour regression of the other intervals'
+    growth targets on their cells' states, predicted at all of this interval's sources and
+    shifted so that ``sum c exp(r dt) = M_{k+1}``.
+    """
+    from sklearn.neighbors import KNeighborsRegressor
+
+    rates = []
+    for k, dt in enumerate(dts):
+        others = [j for j in range(len(dts)) if j != k]
+        src = np.concatenate([estimates[j][0] for j in others])
+        reg = KNeighborsRegressor(n_neighbors=min(n_neighbors, src.size))
+        reg.fit(x[src], np.concatenate([estimates[j][1] for j in others]))
+        g = reg.predict(x[groups[k]])
+        z = math.log(mass_k[k] / groups[k].size) + g * dt
+        log_total = float(z.max() + np.log(np.exp(z - z.max()).sum()))
+        rates.append(g + (math.log(mass_k[k + 1]) - log_total) / dt)
+    return rates
+
+
 def count_reversals(counts: np.ndarray, factor: float = COUNT_SWING) -> list[int]:
     """Time-point indices where the cell count swings by ``> factor`` and back by ``> factor``.
 
@@ -371,6 +416,7 @@ def snapshot_couplings(
     sigma: float | None = None,
     tau_a: float = 0.998,
     tau_b: float = 1.0,
+    growth_neighbors: int | None = 50,
     batch_size: int = 4096,
     n_rounds: int = 1,
     n_pairs: int | None = None,
@@ -408,6 +454,12 @@ def snapshot_couplings(
         Unbalancedness of the source and target marginals (1 is a hard constraint). The
         default keeps the observed target population exactly and lets source cells send
         more or less mass than their prior: that difference is the growth.
+    growth_neighbors
+        Neighbours of the time-blind k-nearest-neighbour regression that turns the other
+        intervals' growth targets into a growth prior for each interval, which is then
+        solved again around it (see the module notes). Used with two or more intervals,
+        a relaxed source (``tau_a < 1``) and no ``growth_prior``. ``None`` or 0: one
+        relaxed solve per interval (the behaviour before).
     batch_size
         Largest number of cells per side solved in one dense block.
     n_rounds
@@ -452,6 +504,8 @@ def snapshot_couplings(
         raise ChronotopeInputError(f"epsilon must be positive, got {epsilon}.")
     if sigma is not None and not (np.isfinite(sigma) and sigma > 0):
         raise ChronotopeInputError(f"sigma must be positive and finite, got {sigma}.")
+    if growth_neighbors is not None and int(growth_neighbors) < 0:
+        raise ChronotopeInputError(f"growth_neighbors must be >= 0, got {growth_neighbors}.")
     if growth_prior is not None:
         growth_prior = np.asarray(growth_prior, dtype=np.float64)
         if growth_prior.shape != t.shape or not np.isfinite(growth_prior).all():
@@ -499,6 +553,42 @@ def snapshot_couplings(
         "dtype": dtype,
         "device": device,
     }
+    if growth_neighbors and tau_a < 1 and growth_prior is None and len(dts) > 1:
+        # first the relaxed plans, only for their growth targets: one block of at most
+        # batch_size cells per side (a seeded subsample) per interval is enough to regress on
+        sub_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
+        subs = [
+            tuple(
+                np.sort(sub_rng.choice(g.size, min(g.size, batch_size), replace=False))
+                for g in (groups[k], groups[k + 1])
+            )
+            for k in range(len(dts))
+        ]
+        first = parallel_map(
+            _interval_task,
+            [
+                (k, xs[i], xt[j], rate[i], sd)
+                for (k, xs, xt, rate, sd), (i, j) in zip(items, subs, strict=True)
+            ],
+            scheduler=scheduler,
+            shared={**shared, "n_pairs": 1},
+            progress=progress,
+            desc="couplings (relaxed, for the growth prior)",
+        )
+        rates = _prior_from_other_intervals(
+            x,
+            groups,
+            mass_k,
+            dts,
+            [
+                (groups[k][i], f["growth"])
+                for k, ((i, _), (_, f)) in enumerate(zip(subs, first, strict=True))
+            ],
+            int(growth_neighbors),
+        )
+        items = [(k, xs, xt, rates[k], sd) for k, xs, xt, _, sd in items]
+    else:
+        first = None
     done = parallel_map(
         _interval_task,
         items,
@@ -507,6 +597,10 @@ def snapshot_couplings(
         progress=progress,
         desc="couplings",
     )
+    if first is not None:
+        for (_, f1), (_, f2) in zip(first, done, strict=True):
+            f2["converged"] = bool(f1["converged"] and f2["converged"])
+            f2["seconds"] += f1["seconds"]
     intervals = []
     for k, (local_pairs, fields) in enumerate(done):
         src, tgt = groups[k], groups[k + 1]

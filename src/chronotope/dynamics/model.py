@@ -125,6 +125,12 @@ class DynamicsParams:
         ``epsilon_k = 2 sigma^2 dt_k``.
     tau_a, tau_b
         Unbalancedness of the couplings (source relaxed, target kept by default).
+    growth_neighbors
+        Neighbours of the regression that turns the other intervals' growth (by cell
+        state) into a growth prior for each interval, which is then solved again around it
+        (:func:`~chronotope.dynamics.couplings.snapshot_couplings`; two or more training
+        intervals, no ``growth_prior``); ``None`` or 0: growth from each interval's own
+        relaxed plan alone.
     coupling_batch_size
         Largest block (cells per side) of a coupling solve.
     n_rounds
@@ -189,6 +195,7 @@ class DynamicsParams:
     sigma: float | None = None
     tau_a: float = 0.998
     tau_b: float = 1.0
+    growth_neighbors: int | None = 50
     coupling_batch_size: int = 4096
     n_rounds: int = 1
     n_pairs: int | None = None
@@ -231,6 +238,10 @@ class DynamicsParams:
             raise ChronotopeInputError("score_weight and growth_weight must be >= 0.")
         if self.sigma is not None and not self.sigma > 0:
             raise ChronotopeInputError(f"sigma must be > 0, got {self.sigma}.")
+        if self.growth_neighbors is not None and int(self.growth_neighbors) < 0:
+            raise ChronotopeInputError(
+                f"growth_neighbors must be >= 0 (or None), got {self.growth_neighbors}."
+            )
 
 
 @dataclass(frozen=True)
@@ -536,6 +547,7 @@ class DynamicsModel:
                 sigma=p.sigma,
                 tau_a=p.tau_a,
                 tau_b=p.tau_b,
+                growth_neighbors=p.growth_neighbors,
                 batch_size=p.coupling_batch_size,
                 n_rounds=p.n_rounds,
                 n_pairs=p.n_pairs,

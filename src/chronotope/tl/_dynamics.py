@@ -177,6 +177,7 @@ def fit_dynamics(
     epsilon: float | None = None,
     tau_a: float | None = None,
     path_weight: str | None = None,
+    growth_neighbors: int | None = None,
     extrapolate: str | None = None,
     relaxation: float | None = None,
     damped_growth: bool | None = None,
@@ -215,6 +216,10 @@ def fit_dynamics(
     n_steps, sigma, epsilon, tau_a, path_weight, seed
         See :class:`~chronotope.dynamics.DynamicsParams` (``path_weight="mass"``: train
         over the unbalanced path measure, for data with strong differential growth).
+    growth_neighbors
+        ``DynamicsParams.growth_neighbors`` (default 50): each interval's couplings are
+        solved again around a growth prior regressed, by cell state, on the other
+        intervals' growth; 0 reads each interval's growth from its own relaxed plan.
     extrapolate
         The model's continuation past its training times (``DynamicsParams.extrapolate``):
         ``"auto"`` (the default: chosen by backtesting on the last training time point,
@@ -269,6 +274,7 @@ def fit_dynamics(
             "epsilon": epsilon,
             "tau_a": tau_a,
             "path_weight": path_weight,
+            "growth_neighbors": growth_neighbors,
             "extrapolate": extrapolate,
             "relaxation": relaxation,
             "damped_growth": damped_growth,
