@@ -253,7 +253,9 @@ def _prior_from_other_intervals(
     ``estimates[j]`` is ``(source cells, growth targets)`` of interval ``j``'s relaxed
     plan. For interval ``k``: a k-nearest-neighbour regression of the other intervals'
     growth targets on their cells' states, predicted at all of this interval's sources and
-    shifted so that ``sum c exp(r dt) = M_{k+1}``.
+    shifted so that ``sum c exp(r dt) = M_{k+1}``. A rate from a shorter interval ``j``
+    is scaled by ``dt_j / dt_k``: the prior never claims a larger log mass change than
+    the plan it comes from showed.
     """
     from sklearn.neighbors import KNeighborsRegressor
 
@@ -262,7 +264,9 @@ def _prior_from_other_intervals(
         others = [j for j in range(len(dts)) if j != k]
         src = np.concatenate([estimates[j][0] for j in others])
         reg = KNeighborsRegressor(n_neighbors=min(n_neighbors, src.size))
-        reg.fit(x[src], np.concatenate([estimates[j][1] for j in others]))
+        # a rate from a shorter interval j counts at dt_j / dt_k of its value
+        rates_j = [estimates[j][1] * min(1.0, float(dts[j] / dt)) for j in others]
+        reg.fit(x[src], np.concatenate(rates_j))
         g = reg.predict(x[groups[k]])
         z = math.log(mass_k[k] / groups[k].size) + g * dt
         log_total = float(z.max() + np.log(np.exp(z - z.max()).sum()))
