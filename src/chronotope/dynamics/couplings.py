@@ -240,6 +240,10 @@ def _draw_pairs(plan: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.
 COUNT_SWING = 1.5
 
 
+#: Cells per side of the one relaxed block per interval whose growth targets feed the prior.
+PRIOR_CELLS = 2048
+
+
 def _prior_from_other_intervals(
     x: np.ndarray,
     groups: list[np.ndarray],
@@ -559,11 +563,12 @@ def snapshot_couplings(
     }
     if growth_neighbors and tau_a < 1 and growth_prior is None and len(dts) > 1:
         # first the relaxed plans, only for their growth targets: one block of at most
-        # batch_size cells per side (a seeded subsample) per interval is enough to regress on
+        # PRIOR_CELLS cells per side (a seeded subsample) per interval is enough to regress on
         sub_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
+        prior_cells = min(batch_size, PRIOR_CELLS)
         subs = [
             tuple(
-                np.sort(sub_rng.choice(g.size, min(g.size, batch_size), replace=False))
+                np.sort(sub_rng.choice(g.size, min(g.size, prior_cells), replace=False))
                 for g in (groups[k], groups[k + 1])
             )
             for k in range(len(dts))
