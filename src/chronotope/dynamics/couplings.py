@@ -39,7 +39,12 @@ interval's sources, shifted by a constant so that the prior's total is :math:`M_
 and the interval is solved again, relaxed as before (``tau_a``) but around that prior,
 :math:`a_i = c_i \exp(\hat g_{-k}(x_i) \Delta t_k)`. Leaving the interval itself out
 keeps its own plan from being counted twice: the prior carries the other intervals'
-evidence, the relaxation this interval's. With one interval nothing changes.
+evidence, the relaxation this interval's. With one interval nothing changes. The first,
+relaxed solves only feed the regression: one seeded block of at most ``PRIOR_CELLS`` cells
+per side per interval. A rate from a shorter interval :math:`j` counts at
+:math:`\Delta t_j / \Delta t_k` of its value, so the prior never claims a larger log mass
+change than the plan it comes from (read as rates, short intervals' changes were multiplied
+by the length ratio and made the weights degenerate on TIGON's EMT days).
 
 **Entropy and diffusion.** The entropic plan with squared Euclidean cost and
 :math:`\varepsilon_k = 2\sigma^2\Delta t_k` is the static Schrödinger bridge for Brownian
