@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -53,7 +55,13 @@ def _snapshots(path: Path, n: int = 120, dim: int = 4) -> Path:
 
 
 def _rank(rank: int, world: int, port: int, what: str, args: tuple, kwargs: dict, q) -> None:
+    import torch
+
+    # torchrun's default for several processes on one machine: one OpenMP thread each
+    # (N processes x all cores each oversubscribes the CPU and can stall a rank for minutes)
+    torch.set_num_threads(1)
     os.environ.update(
+        OMP_NUM_THREADS="1",
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -77,10 +85,31 @@ def _two_processes(what: str, *args: object, **kwargs: object) -> None:
     procs = [ctx.Process(target=_rank, args=(r, 2, port, what, args, kwargs, q)) for r in range(2)]
     for p in procs:
         p.start()
-    errors = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    assert all(not err for _, err in errors), errors
+    reports: dict[int, str] = {}
+    deadline = time.monotonic() + 300
+    try:
+        # a rank that fails leaves the other one blocked in a collective: stop at the first
+        # error or dead process and show it, rather than time out on the second report
+        while len(reports) < len(procs) and time.monotonic() < deadline:
+            try:
+                rank, err = q.get(timeout=1.0)
+                reports[rank] = err
+            except queue.Empty:
+                pass
+            if any(reports.values()):
+                break
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead and not q.qsize():
+                reports.update({r: f"rank {r} died (exit {procs[r].exitcode})" for r in dead})
+                break
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    assert all(not err for err in reports.values()), reports
+    assert len(reports) == len(procs), f"ranks timed out; reports so far: {reports}"
     assert all(p.exitcode == 0 for p in procs)
 
 
