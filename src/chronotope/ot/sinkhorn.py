@@ -310,10 +310,13 @@ class Sinkhorn:
         factor. ``"auto"``: ``w = 2 / (1 + sqrt(1 - lambda))``, the optimal
         successive over-relaxation factor for the per-iteration contraction
         ``lambda`` of the plain iterations, estimated from their marginal
-        errors over the first ``OVERRELAX_WARMUP`` iterations. Either way the
+        errors over the first ``OVERRELAX_WARMUP`` iterations, then raised
+        when the over-relaxed errors show ``lambda`` larger (Young's relation,
+        measured over ``OVERRELAX_WINDOW`` iterations). Either way the
         first ``OVERRELAX_WARMUP`` iterations are plain, and ``w`` is halved
         towards 1 whenever the error grows ``OVERRELAX_GUARD`` times above
-        its smallest value since ``w`` was last set (a divergence guard).
+        its smallest value since ``w`` was last set (a divergence guard; after
+        it fires ``"auto"`` no longer raises ``w``).
     """
 
     epsilon: float | None = None
@@ -482,6 +485,8 @@ OVERRELAX_WARMUP = 100
 OVERRELAX_MAX = 1.95
 #: Error growth (over its smallest value since the factor was set) that halves the factor.
 OVERRELAX_GUARD = 1000.0
+#: Iterations over which ``"auto"`` measures the over-relaxed rate before raising the factor.
+OVERRELAX_WINDOW = 50
 
 
 class _State:
@@ -510,6 +515,7 @@ class _State:
         self._omega_set = False
         self._checks: list[tuple[int, float]] = []
         self._best = math.inf
+        self._adapt = True
         self.bar = None
         if solver.progress is True:
             self.bar = tqdm(total=solver.max_iter, desc="sinkhorn", leave=False)
@@ -577,6 +583,7 @@ class _State:
             else:
                 self.omega = float(target)
             self._best = e
+            self._checks = [(self.it, e)]
             return
         if self.omega > 1.0:
             if not math.isfinite(e) or e > OVERRELAX_GUARD * self._best:
@@ -584,14 +591,57 @@ class _State:
                 if self.omega < 1.05:
                     self.omega = 1.0
                 self._best = e if math.isfinite(e) else math.inf
+                self._adapt = False  # after a blow-up the factor only comes down
             else:
                 self._best = min(self._best, e)
+                if target == "auto" and self._adapt:
+                    self._raise_omega(e)
+
+    def _raise_omega(self, e: float) -> None:
+        """Raise an ``"auto"`` factor that the observed over-relaxed rate shows too small.
+
+        The warm-up's transient makes the first estimate of the plain contraction
+        ``lambda`` too small. For a factor ``w`` below the optimum the over-relaxed
+        iterations contract by ``r`` per iteration with ``(r + w - 1)^2 = r w^2 lambda``
+        (Young's relation for successive over-relaxation), so ``r``, measured over the
+        last ``OVERRELAX_WINDOW`` iterations, gives ``lambda`` back and with it the
+        optimal factor. Above the optimum ``r`` is ``w - 1`` and nothing changes; nor
+        does it when the iterations the change would save, at the two rates down to
+        ``tol``, are fewer than a window (the switch costs a transient of about that).
+        """
+        self._checks.append((self.it, e))
+        it0, e0 = self._checks[0]
+        if self.it - it0 < 2 * OVERRELAX_WINDOW:  # skip the switch-on transient
+            return
+        it1, e1 = next(c for c in self._checks if c[0] >= self.it - OVERRELAX_WINDOW)
+        if not (0.0 < e < e1) or self.it <= it1:
+            return
+        w = self.omega
+        r = (e / e1) ** (1.0 / (self.it - it1))
+        if r <= w - 1.0 + 1e-3:
+            return
+        lam = min((r + w - 1.0) ** 2 / (r * w * w), 1.0 - 1e-9)
+        new = min(OVERRELAX_MAX, 2.0 / (1.0 + math.sqrt(1.0 - lam)))
+        # a change costs a transient of about a window: only worth it far from tol
+        decades = math.log(max(e / self.s.tol, 1.0))
+        saved = decades / -math.log(r) - decades / -math.log(max(new - 1.0, 1e-9))
+        if new > w + 0.01 and saved > OVERRELAX_WINDOW:
+            self.omega = new
+            self._checks = [(self.it, e)]
+            self._best = e
 
     def _relax(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        """``(1 - w) old + w new`` in place of ``new`` (``new`` itself when ``w = 1``)."""
+        """``(1 - w) old + w new`` in place of ``new`` (``new`` itself when ``w = 1``).
+
+        A zero-mass point has ``-inf`` in every update; it keeps ``new`` (``-inf``), where
+        the affine combination would give ``-inf + inf = NaN`` for ``w > 1``.
+        """
         w = self.omega
         if w == 1.0 or old is None:
             return new
+        dead = torch.isneginf(old)
+        if bool(dead.any()):
+            return torch.where(dead, new, new * w + (1.0 - w) * old)
         return new.mul_(w).add_(old, alpha=1.0 - w)
 
     # ---------------------------------------------------------- log domain
