@@ -20,6 +20,7 @@ from chronotope.ot.gromov import (
 )
 from chronotope.ot.problem import LinearProblem
 from chronotope.ot.sinkhorn import Sinkhorn, SinkhornOutput, sinkhorn
+from chronotope.ot.symmetric import symmetric_ot_cost
 
 __all__ = [
     "BarycenterOutput",
@@ -36,4 +37,5 @@ __all__ = [
     "free_support_barycenter",
     "fused_gromov_wasserstein",
     "sinkhorn",
+    "symmetric_ot_cost",
 ]
