@@ -12,7 +12,7 @@ from chronotope import ot
 
 def _cloud(seed: int, n: int = 120) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    x = np.r_[rng.normal(size=(n // 2, 2)), rng.normal(size=(n - n // 2, 2)) + [3.0, 0.0]]
+    x = np.r_[rng.normal(size=(n // 2, 2)), rng.normal(size=(n - n // 2, 2)) + np.array([3.0, 0.0])]
     a = rng.gamma(3.0, 1.0, n)
     return x, a / a.sum()
 

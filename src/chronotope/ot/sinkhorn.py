@@ -610,7 +610,7 @@ class _State:
         ``tol``, are fewer than a window (the switch costs a transient of about that).
         """
         self._checks.append((self.it, e))
-        it0, e0 = self._checks[0]
+        it0 = self._checks[0][0]
         if self.it - it0 < 2 * OVERRELAX_WINDOW:  # skip the switch-on transient
             return
         it1, e1 = next(c for c in self._checks if c[0] >= self.it - OVERRELAX_WINDOW)
