@@ -182,6 +182,13 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     assert code == 0, err
     model = DynamicsModel.load(mdir)
     np.testing.assert_allclose(model.times_, [0.0, 1.25])
+    # not quiet: the summary line gives the wall time of every phase
+    code, out2, err = _run(
+        capsys, "dynamics", "fit", str(data), "--use-rep", "X_pca", "-o",
+        str(tmp_path / "timed"), "--n-steps", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "wrote" in out2 and "couplings" in out2 and "training" in out2, out2
     assert model.params.n_steps == 20 and model.time_key == "time"
     assert model.params.path_weight == "mass"
     pred = tmp_path / "pred.h5ad"

@@ -881,11 +881,14 @@ def dynamics_fit(
     if _state["verbosity"] >= 0:
         rec = adata.uns["dynamics"]
         held = ", ".join(f"{v:g}" for v in rec["params"].get("holdout", [])) or "none"
+        phases = ", ".join(
+            f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rec.get("timings", {}).items()
+        )
         typer.echo(
             f"wrote {out}: {use_rep} ({model.dim}-D), times "
             f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
             f"sigma {rec['sigma']:.3g}, extrapolation {model.continuation}, "
-            f"{rec['seconds']:.1f} s"
+            f"{rec['seconds']:.1f} s ({phases})"
         )
 
 
