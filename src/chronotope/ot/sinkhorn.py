@@ -516,6 +516,7 @@ class _State:
         self._checks: list[tuple[int, float]] = []
         self._best = math.inf
         self._adapt = True
+        self._since = 0  # iteration at which the factor was last set
         self.bar = None
         if solver.progress is True:
             self.bar = tqdm(total=solver.max_iter, desc="sinkhorn", leave=False)
@@ -583,7 +584,7 @@ class _State:
             else:
                 self.omega = float(target)
             self._best = e
-            self._checks = [(self.it, e)]
+            self._checks, self._since = [(self.it, e)], self.it
             return
         if self.omega > 1.0:
             if not math.isfinite(e) or e > OVERRELAX_GUARD * self._best:
@@ -609,11 +610,12 @@ class _State:
         does it when the iterations the change would save, at the two rates down to
         ``tol``, are fewer than a window (the switch costs a transient of about that).
         """
+        # only the last window's checks are kept (a long solve would otherwise rescan them all)
+        self._checks = [c for c in self._checks if c[0] >= self.it - OVERRELAX_WINDOW]
         self._checks.append((self.it, e))
-        it0 = self._checks[0][0]
-        if self.it - it0 < 2 * OVERRELAX_WINDOW:  # skip the switch-on transient
+        if self.it - self._since < 2 * OVERRELAX_WINDOW:  # skip the switch-on transient
             return
-        it1, e1 = next(c for c in self._checks if c[0] >= self.it - OVERRELAX_WINDOW)
+        it1, e1 = self._checks[0]
         if not (0.0 < e < e1) or self.it <= it1:
             return
         w = self.omega
@@ -627,7 +629,7 @@ class _State:
         saved = decades / -math.log(r) - decades / -math.log(max(new - 1.0, 1e-9))
         if new > w + 0.01 and saved > OVERRELAX_WINDOW:
             self.omega = new
-            self._checks = [(self.it, e)]
+            self._checks, self._since = [(self.it, e)], self.it
             self._best = e
 
     def _relax(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
