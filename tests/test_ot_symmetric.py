@@ -76,3 +76,39 @@ def test_checks_its_input() -> None:
         ot.symmetric_ot_cost(ot.PointCloud(x, x[:10]), a, epsilon=0.1)
     with pytest.raises(ValueError, match="masses"):
         ot.symmetric_ot_cost(ot.PointCloud(x, x), a[:5], epsilon=0.1)
+
+
+@pytest.mark.parametrize("tau", [0.99, 0.8])
+def test_unbalanced_matches_sinkhorn(tau: float) -> None:
+    x, a = _cloud(4, n=80)
+    a = 1.7 * a  # unbalanced: any total mass
+    geom = ot.PointCloud(x, x)
+    eps = 0.1 * float(geom.mean_cost)
+    ref = ot.Sinkhorn(epsilon=eps, tol=1e-11, max_iter=50_000, lse_mode=True)(
+        ot.LinearProblem(geom, a, a, tau_a=tau, tau_b=tau)
+    )
+    assert ref.converged
+    out = ot.symmetric_sinkhorn(geom, a, epsilon=eps, tau=tau, tol=1e-11)
+    assert out.converged and out.n_iter < ref.n_iter
+    assert_allclose(out.f.numpy(), ref.f.numpy(), atol=1e-7)
+    assert float(out.reg_ot_cost) == pytest.approx(float(ref.reg_ot_cost), rel=1e-8)
+
+
+def test_unbalanced_cost_is_differentiable() -> None:
+    x0, a0 = _cloud(5, n=60)
+    x = torch.tensor(x0, requires_grad=True)
+    a = torch.tensor(a0 * 2.0, requires_grad=True)
+    eps, tau = 0.5, 0.9
+    value = ot.symmetric_sinkhorn(ot.PointCloud(x, x), a, epsilon=eps, tau=tau, tol=1e-12)
+    value.reg_ot_cost.backward()
+    # central differences of the converged value in one coordinate and one mass
+    for tensor, index in ((x, (3, 0)), (a, (7,))):
+        h = 1e-5
+        vals = []
+        for sign in (1.0, -1.0):
+            xs, as_ = x0.copy(), a0 * 2.0
+            (xs if tensor is x else as_)[index] += sign * h
+            geom = ot.PointCloud(xs, xs)
+            out = ot.symmetric_sinkhorn(geom, as_, epsilon=eps, tau=tau, tol=1e-12)
+            vals.append(float(out.reg_ot_cost))
+        assert float(tensor.grad[index]) == pytest.approx((vals[0] - vals[1]) / (2 * h), rel=1e-5)

@@ -20,7 +20,7 @@ from chronotope.ot.gromov import (
 )
 from chronotope.ot.problem import LinearProblem
 from chronotope.ot.sinkhorn import Sinkhorn, SinkhornOutput, sinkhorn
-from chronotope.ot.symmetric import symmetric_ot_cost
+from chronotope.ot.symmetric import symmetric_ot_cost, symmetric_sinkhorn
 
 __all__ = [
     "BarycenterOutput",
@@ -38,4 +38,5 @@ __all__ = [
     "fused_gromov_wasserstein",
     "sinkhorn",
     "symmetric_ot_cost",
+    "symmetric_sinkhorn",
 ]
