@@ -55,6 +55,11 @@ Metric: W1 = exact EMD (POT ``emd2``, Euclidean cost) between the predicted weig
 particles (pushed from a seeded subsample of ``min(n_0, 2000)`` start cells, masses
 normalised) and a seeded subsample of ``min(n_k, 2000)`` target cells; the same subsamples
 for every method. Mass error ``|sum w - n_k / n_0|`` (start masses ``1 / n``).
+``--draws K`` scores every fit again on ``K`` further seeded subsample draws (start cells
+pushed again, target and baseline cells drawn again; the same draws for ours, previous
+and McCann) and prints each method's mean ± sd over the draws and the paired difference
+ours - McCann: the W1 of one 2,000-cell draw varies by up to 0.02-0.05 between draws on
+some datasets, more than some of the gaps between methods.
 
 Methods, same subsamples, same fit (time points) per task:
 
@@ -78,6 +83,7 @@ Usage::
     OMP_NUM_THREADS=2 python benchmarks/dynamics.py --datasets deepruot_emt,mouse --seeds 0,1,2,3,4
     python benchmarks/dynamics.py --quick                      # smoke test, minutes
     python benchmarks/dynamics.py --datasets misa --tasks all --peers none
+    python benchmarks/dynamics.py --datasets weinreb --tasks loo --peers none --draws 9
     python benchmarks/dynamics.py --datasets mouse --no-ours --peers otcfm --out peers.jsonl
     python benchmarks/dynamics.py --summarise run1.jsonl peers.jsonl   # tables over several runs
 """
@@ -446,6 +452,70 @@ def truth_lines(name: str, d: Data, model: Any, peers: dict[str, Any], seed: int
     return out
 
 
+# ---------------------------------------------------------------------- more draws
+def more_draws(
+    x: np.ndarray,
+    t: np.ndarray,
+    tk: float,
+    k: int,
+    train_times: np.ndarray,
+    held: float | None,
+    draws: int,
+    push: Callable[[np.ndarray], list[Any]],
+    mode: str,
+    modes: tuple[str, ...],
+    i: int,
+) -> dict[str, object]:
+    """W1 of ours, previous and McCann on ``draws`` further subsample draws of one fit.
+
+    Draw ``r`` takes new seeded subsamples (``10000 r`` added to each subsample seed) of
+    the start cells (pushed again by the same model, same seed), of the target cells and
+    of the McCann / previous snapshots; every method sees the same draw. Draw 0 is the
+    row's own. A 2,000-cell subsample's W1 varies from draw to draw by more than the
+    gaps between methods on some datasets, so this estimates each method's expected W1
+    at this protocol, and the paired difference ours - McCann, with less noise.
+    """
+    times = np.unique(t)
+    prev_t = train_times[train_times < tk].max()
+    nxt = train_times[train_times > tk]
+    out: dict[str, list[float]] = {"draws_w1": [], "draws_previous": [], "draws_mccann": []}
+    for r in range(1, draws + 1):
+        off = 10_000 * r
+        start = subsample(x[t == times[0]], N_SUB, seed=off + 1000)
+        res = push(start)[modes.index(mode)]
+        xp, wp = res.x[i], res.weights[i]
+        target = subsample(x[t == tk], N_SUB, seed=off + 2000 + k)
+        a = subsample(x[t == prev_t], N_SUB, seed=off + 3000 + k)
+        out["draws_w1"].append(w1(xp, wp, target))
+        out["draws_previous"].append(w1(a, None, target))
+        mc = float("nan")
+        if held is not None and nxt.size and tk < train_times.max():
+            b = subsample(x[t == nxt.min()], N_SUB, seed=off + 4000 + k)
+            pts, wts = mccann(a, b, (tk - prev_t) / (nxt.min() - prev_t))
+            mc = w1(pts, wts, target)
+        out["draws_mccann"].append(mc)
+    return dict(out)
+
+
+def draws_line(row: dict[str, Any]) -> str:
+    """One line: mean ± sd over the draws (the row's own included), paired vs McCann."""
+    ours = np.r_[row["w1"], row["draws_w1"]]
+    mc = np.r_[row["mccann"], row["draws_mccann"]]
+    prev = np.r_[row["previous"], row["draws_previous"]]
+    txt = (
+        f"    {ours.size} subsample draws: W1 {ours.mean():.4f}±{ours.std(ddof=1):.4f} | "
+        f"previous {prev.mean():.4f}±{prev.std(ddof=1):.4f}"
+    )
+    if np.isfinite(mc).all():
+        diff = ours - mc
+        txt += (
+            f" | McCann {mc.mean():.4f}±{mc.std(ddof=1):.4f} | ours - McCann "
+            f"{diff.mean():+.4f} (se {diff.std(ddof=1) / np.sqrt(diff.size):.4f}; below on "
+            f"{int((diff < 0).sum())} of {diff.size})"
+        )
+    return txt
+
+
 # ---------------------------------------------------------------------- one case
 def run_case(
     name: str,
@@ -459,6 +529,8 @@ def run_case(
     ours: bool = True,
     particles: int = 4,
     extrapolate: tuple[str, ...] = ("auto",),
+    draws: int = 0,
+    masses: str = "counts",
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
 
@@ -483,25 +555,39 @@ def run_case(
             cont = "auto" if task == "extrap" and "auto" in extrapolate else "landscape"
             model = DynamicsModel(
                 seed=seed, device=bench_device(), **{**params, "extrapolate": cont}
-            ).fit(x[keep], t[keep])
+            ).fit(
+                x[keep],
+                t[keep],
+                # "equal": one relative population size for every time point (counts
+                # that are numbers of cells measured, not population sizes)
+                masses=None if masses == "counts" else [1.0] * np.unique(t[keep]).size,
+            )
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()
-            x0_rep = np.repeat(x0, particles, axis=0)  # particles per start cell
             # the continuation matters only past the training range: one fit, each mode
             modes = extrapolate if task == "extrap" else ("",)
-            sims = [
-                model.simulate(
-                    x0_rep,
-                    times[0],
-                    max(targets),
-                    method=method,
-                    t_eval=targets,
-                    seed=seed,
-                    # "auto" (and the other tasks): the model's own continuation
-                    extrapolate=None if mode in ("", "auto") else mode,  # type: ignore[arg-type]
-                )
-                for mode in modes
-            ]
+
+            def push(
+                start: np.ndarray,
+                model: DynamicsModel = model,
+                targets: list[float] = targets,
+                modes: tuple[str, ...] = modes,
+            ) -> list[Any]:
+                return [
+                    model.simulate(
+                        np.repeat(start, particles, axis=0),  # particles per start cell
+                        times[0],
+                        max(targets),
+                        method=method,
+                        t_eval=targets,
+                        seed=seed,
+                        # "auto" (and the other tasks): the model's own continuation
+                        extrapolate=None if mode in ("", "auto") else mode,  # type: ignore[arg-type]
+                    )
+                    for mode in modes
+                ]
+
+            sims = push(x0)
             sim_s = (time.perf_counter() - tic) / len(modes)
             timings = model.timings_
         else:  # peers only
@@ -542,7 +628,7 @@ def run_case(
                 mc = w1(pts, wts, target)
             peer_w1 = {kind: w1(peer_pred[kind][i], None, target) for kind in peers}
             eval_s = time.perf_counter() - tic
-            n_ratio = (t == tk).sum() / (t == times[0]).sum()
+            n_ratio = (t == tk).sum() / (t == times[0]).sum() if masses == "counts" else 1.0
             row: dict[str, object] = {
                 "dataset": name,
                 "task": task,
@@ -567,6 +653,8 @@ def run_case(
                 "eval_s": eval_s,
                 **{f"{kind}_train_s": fitted_peers[kind].timings_["training"] for kind in peers},
             }
+            if draws and ours:
+                row.update(more_draws(x, t, tk, k, train_times, held, draws, push, mode, modes, i))
             rows.append(row)
             peer_txt = "".join(f" | {kind} {peer_w1[kind]:.4f}" for kind in peers)
             print(
@@ -586,6 +674,8 @@ def run_case(
                 + f" | eval {eval_s:.1f}s",
                 flush=True,
             )
+            if "draws_w1" in row:
+                print(draws_line(row), flush=True)
         if task == "all" and ours:
             tr = truth_lines(name, d, model, fitted_peers, seed)
             if tr:
@@ -625,6 +715,21 @@ def summarise(rows: list[dict[str, object]], truths: list[dict[str, object]]) ->
             pub_txt = " | chose " + ", ".join(f"{k} x{v}" for k, v in picks.items()) + pub_txt
         label = f"{task} {mode}" if mode else task
         print(f"  {ds:16s} {label:16s} t={tk:g}: " + " | ".join(parts) + pub_txt)
+        if "draws_w1" in g and g["draws_w1"].notna().all():
+            pooled = {
+                c: np.concatenate([np.r_[r[c], r[f"draws_{c}"]] for _, r in g.iterrows()])
+                for c in ("w1", "previous", "mccann")
+            }
+            print(
+                f"  {'':16s} {'':16s} {pooled['w1'].size} fits x draws: "
+                + " | ".join(f"{c} {v.mean():.3f}±{v.std(ddof=1):.3f}" for c, v in pooled.items())
+                + (
+                    f" | ours below McCann on {int((pooled['w1'] < pooled['mccann']).sum())}"
+                    f" of {pooled['w1'].size}"
+                    if np.isfinite(pooled["mccann"]).all()
+                    else ""
+                )
+            )
     if truths:
         tf = pd.DataFrame(truths)
         print("\ntruth read-outs (mean ± sd over seeds)")
@@ -659,6 +764,20 @@ def main() -> None:
         help="ours past the last training time (DynamicsModel.simulate): comma list of "
         "auto (default: the model backtests on its last training time point; one more "
         "fit), landscape, rest, continue, damped; one fit, one simulation per mode",
+    )
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=0,
+        help="also score every fit on this many further subsample draws (ours, previous, "
+        "McCann; same draws for each) and print mean ± sd and the paired difference",
+    )
+    ap.add_argument(
+        "--masses",
+        default="counts",
+        choices=["counts", "equal"],
+        help="ours: population size per time point from the cell counts (default) or equal "
+        "(counts of cells measured); the mass error then compares with 1",
     )
     ap.add_argument("--n-steps", type=int, default=None, help="override DynamicsParams.n_steps")
     ap.add_argument("--epsilon", type=float, default=None, help="override DynamicsParams.epsilon")
@@ -770,6 +889,8 @@ def main() -> None:
                     ours=not args.no_ours,
                     particles=args.particles,
                     extrapolate=modes,
+                    draws=args.draws,
+                    masses=args.masses,
                 )
                 rows += r
                 truths += tr
