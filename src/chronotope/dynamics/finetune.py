@@ -44,28 +44,6 @@ def _penalty(eps: float, rho: float) -> float:
     return rho / (rho + eps)
 
 
-def _cross_term(
-    a: torch.Tensor,
-    x: torch.Tensor,
-    b: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    rho: float,
-    tol: float,
-    max_iter: int,
-) -> tuple[torch.Tensor, bool]:
-    """``OT_{eps,rho}(a, b)``, differentiable, by the engine's log-domain Sinkhorn."""
-    tau = _penalty(eps, rho)
-    # cost |x - y|^2 / 2; the potentials are found without gradients, the dual value at
-    # them carries the gradients (envelope theorem), see SinkhornOutput.reg_ot_cost
-    geom = ot.PointCloud(x, y, scale_cost=2.0)
-    solver = ot.Sinkhorn(
-        epsilon=eps, tol=tol, max_iter=max_iter, lse_mode=True, overrelaxation="auto", warn=False
-    )
-    out = solver(ot.LinearProblem(geom, a, b, tau_a=tau, tau_b=tau))
-    return out.reg_ot_cost, out.converged
-
-
 def _self_term(
     a: torch.Tensor, x: torch.Tensor, eps: float, rho: float, tol: float, max_iter: int
 ) -> tuple[torch.Tensor, bool]:
@@ -91,7 +69,18 @@ def _divergence(
     tol: float,
     max_iter: int,
 ) -> tuple[torch.Tensor, bool]:
-    ab, c_ab = _cross_term(a, x, b, y, eps, rho, tol, max_iter)
+    """The debiased divergence and whether its three solves reached ``tol``."""
+    # cross term by the engine's log-domain Sinkhorn, cost |x - y|^2 / 2; the potentials
+    # are found without gradients, the dual value at them carries the gradients
+    # (envelope theorem, see SinkhornOutput.reg_ot_cost)
+    tau = _penalty(eps, rho)
+    solver = ot.Sinkhorn(
+        epsilon=eps, tol=tol, max_iter=max_iter, lse_mode=True, overrelaxation="auto", warn=False
+    )
+    cross = solver(
+        ot.LinearProblem(ot.PointCloud(x, y, scale_cost=2.0), a, b, tau_a=tau, tau_b=tau)
+    )
+    ab, c_ab = cross.reg_ot_cost, cross.converged
     aa, c_aa = _self_term(a, x, eps, rho, tol, max_iter)
     bb, c_bb = _self_term(b, y, eps, rho, tol, max_iter)
     value = ab - 0.5 * aa - 0.5 * bb + 0.5 * eps * (a.sum() - b.sum()) ** 2
