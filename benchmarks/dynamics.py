@@ -560,7 +560,7 @@ def run_case(
                 t[keep],
                 # "equal": one relative population size for every time point (counts
                 # that are numbers of cells measured, not population sizes)
-                masses=None if masses == "counts" else [1.0] * np.unique(t[keep]).size,
+                masses=masses,  # type: ignore[arg-type]
             )
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()

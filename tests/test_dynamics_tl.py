@@ -183,12 +183,17 @@ def test_cli_fit_predict_roundtrip(capsys, tmp_path) -> None:
     model = DynamicsModel.load(mdir)
     np.testing.assert_allclose(model.times_, [0.0, 1.25])
     # not quiet: the summary line gives the wall time of every phase
+    t0 = np.flatnonzero(a.obs["time"].to_numpy() == 0)
+    uneven = tmp_path / "uneven.h5ad"  # half the first time point's cells
+    a[np.setdiff1d(np.arange(a.n_obs), t0[: t0.size // 2])].copy().write_h5ad(uneven)
     code, out2, err = _run(
-        capsys, "dynamics", "fit", str(data), "--use-rep", "X_pca", "-o",
-        str(tmp_path / "timed"), "--n-steps", "5",
+        capsys, "dynamics", "fit", str(uneven), "--use-rep", "X_pca", "-o",
+        str(tmp_path / "timed"), "--n-steps", "5", "--masses", "equal",
     )  # fmt: skip
     assert code == 0, err
     assert "wrote" in out2 and "couplings" in out2 and "training" in out2, out2
+    # --masses equal: one population size for every time point, not the cell counts
+    np.testing.assert_allclose(DynamicsModel.load(tmp_path / "timed").masses_, 1.0)
     assert model.params.n_steps == 20 and model.time_key == "time"
     assert model.params.path_weight == "mass"
     pred = tmp_path / "pred.h5ad"
@@ -360,6 +365,16 @@ def test_cli_errors(capsys, tmp_path) -> None:
         capsys, "dynamics", "fit", str(data), "--holdout", "3", "-o", str(tmp_path / "m")
     )
     assert code == 1 and "not a time point" in err
+    code, _, err = _run(
+        capsys, "dynamics", "fit", str(data), "--masses", "1,x", "-o", str(tmp_path / "m")
+    )
+    assert code == 1 and "--masses must be" in err
+    code, _, err = _run(
+        capsys, "dynamics", "fit", str(data), "--masses", "1,2", "-o", str(tmp_path / "m")
+    )
+    assert code == 1 and "one relative population size per time point" in err
+    with pytest.raises(ChronotopeInputError, match="'counts', 'equal'"):
+        ct.tl.fit_dynamics(a, "time", "X_pca", masses="uniform", n_steps=1)  # type: ignore[arg-type]
     code, _, err = _run(
         capsys,
         "dynamics",

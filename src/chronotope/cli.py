@@ -808,6 +808,14 @@ def dynamics_fit(
     growth_prior_key: Annotated[
         str | None, typer.Option(help="obs column with a prior growth rate per cell.")
     ] = None,
+    masses: Annotated[
+        str,
+        typer.Option(
+            help="Relative population size per training time point: counts (the cell "
+            "counts), equal (counts are numbers of cells measured, not population sizes), "
+            "or comma-separated numbers in time order."
+        ),
+    ] = "counts",
     path_weight: Annotated[
         str,
         typer.Option(
@@ -856,12 +864,21 @@ def dynamics_fit(
         raise _CommandError(f"output {str(out)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise _CommandError(f"output folder {str(out)!r} is not empty; pass --overwrite")
+    mass_arg: str | list[float] = masses
+    if masses not in ("counts", "equal"):
+        try:
+            mass_arg = [float(v) for v in masses.split(",")]
+        except ValueError:
+            raise _CommandError(
+                f"--masses must be counts, equal or comma-separated numbers, got {masses!r}"
+            ) from None
     adata = read_input(data, check_nonnegative=False)  # a representation, not counts
     model = ct.tl.fit_dynamics(
         adata,
         time_key,
         use_rep,
         holdout=holdout or None,
+        masses=mass_arg,  # type: ignore[arg-type]
         growth_prior_key=growth_prior_key,
         n_steps=n_steps,
         sigma=sigma,

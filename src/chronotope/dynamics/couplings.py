@@ -311,8 +311,8 @@ def _resolve_masses(masses: np.ndarray | list[float] | None, counts: np.ndarray)
                 "the masses default to the cell counts per time point, which swing down and up "
                 "(or up and down) by more than %.1fx between neighbouring time points (%s). If "
                 "the counts are numbers of cells measured rather than population sizes, pass "
-                "masses= (e.g. all ones, or measured population sizes); otherwise the particle "
-                "weights must explain the swings by death and growth.",
+                "masses='equal' (command line: --masses equal) or measured population sizes; "
+                "otherwise the particle weights must explain the swings by death and growth.",
                 COUNT_SWING,
                 shown,
             )

@@ -333,6 +333,21 @@ class SimulationResult:
         return self.x[-1], self.weights[-1]
 
 
+def _named_masses(
+    masses: np.ndarray | list[float] | str | None, n_times: int
+) -> np.ndarray | list[float] | None:
+    """``"counts"`` -> ``None`` (the counts), ``"equal"`` -> ones; numbers pass through."""
+    if isinstance(masses, str):
+        if masses == "counts":
+            return None
+        if masses == "equal":
+            return [1.0] * n_times
+        raise ChronotopeInputError(
+            f"masses must be 'counts', 'equal' or one number per time point, got {masses!r}."
+        )
+    return masses
+
+
 def _mlp(d_in: int, d_out: int, hidden: int, n_layers: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     width = d_in
@@ -484,7 +499,7 @@ class DynamicsModel:
         x: np.ndarray,
         time: np.ndarray,
         *,
-        masses: np.ndarray | list[float] | None = None,
+        masses: np.ndarray | list[float] | Literal["counts", "equal"] | None = None,
         growth_prior: np.ndarray | None = None,
         progress: bool = False,
         scheduler: Scheduler = None,
@@ -499,7 +514,10 @@ class DynamicsModel:
         time
             ``(n,)`` numeric time of each cell.
         masses
-            Relative population size per time point (default: cell counts).
+            Relative population size per time point. ``None`` or ``"counts"`` (default):
+            the cell counts. ``"equal"``: the same at every time point, for counts that
+            are numbers of cells measured rather than population sizes (the fit warns
+            when the counts swing down and up).
         growth_prior
             ``(n,)`` prior growth rate per cell (see
             :func:`~chronotope.dynamics.snapshot_couplings`).
@@ -529,6 +547,7 @@ class DynamicsModel:
                 f"gene_map has {self.gene_map.dim} components but {self.use_rep!r} has "
                 f"{x.shape[1]} dimensions."
             )
+        masses = _named_masses(masses, times.size)
         tic = _time.perf_counter()
         if couplings is not None:
             if couplings.growth.shape != t.shape or not np.array_equal(couplings.times, times):

@@ -169,7 +169,7 @@ def fit_dynamics(
     *,
     holdout: float | Sequence[float] | None = None,
     gene_map: GeneMap | NeuralGeneMap | Literal["auto"] | None = "auto",
-    masses: Sequence[float] | None = None,
+    masses: Sequence[float] | Literal["counts", "equal"] | None = None,
     growth_prior_key: str | None = None,
     params: DynamicsParams | None = None,
     n_steps: int | None = None,
@@ -206,7 +206,9 @@ def fit_dynamics(
         the identity for ``"X"``, none otherwise. A user-supplied non-linear decoder
         (e.g. of a VAE latent): a :class:`~chronotope.dynamics.NeuralGeneMap`.
     masses
-        Relative population size per (training) time point (default: cell counts).
+        Relative population size per (training) time point. ``None`` or ``"counts"``
+        (default): the cell counts; ``"equal"``: the same at every time point (counts of
+        cells measured rather than population sizes).
     growth_prior_key
         ``obs`` column with a prior growth rate per cell.
     params
