@@ -786,6 +786,12 @@ def main() -> None:
     ap.add_argument("--growth-path", default=None, help="override DynamicsParams.growth_path")
     ap.add_argument("--path-weight", default=None, help="override DynamicsParams.path_weight")
     ap.add_argument(
+        "--jacobian-weight",
+        type=float,
+        default=None,
+        help="override DynamicsParams.jacobian_weight",
+    )
+    ap.add_argument(
         "--growth-neighbors",
         type=int,
         default=None,
@@ -835,6 +841,7 @@ def main() -> None:
         ("growth_path", args.growth_path),
         ("path_weight", args.path_weight),
         ("growth_neighbors", args.growth_neighbors),
+        ("jacobian_weight", args.jacobian_weight),
     ):
         if val is not None:
             params[key] = val

@@ -849,6 +849,13 @@ def dynamics_fit(
             help="Whether the end's growth rates act in --extrapolate damped (auto chooses)."
         ),
     ] = True,
+    jacobian_weight: Annotated[
+        float,
+        typer.Option(
+            help="Penalty on the velocity's Jacobian (0: none); for long chains of "
+            "intervals, see docs/dynamics.md."
+        ),
+    ] = 0.0,
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
@@ -888,6 +895,7 @@ def dynamics_fit(
         extrapolate=extrapolate,
         relaxation=relaxation,
         damped_growth=damped_growth,
+        jacobian_weight=jacobian_weight,
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,

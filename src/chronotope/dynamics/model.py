@@ -182,6 +182,14 @@ class DynamicsParams:
         Whether the growth rates of the end act in ``"damped"`` (default) or growth
         stops there; with ``"auto"`` the backtest chooses, by the total mass it predicts
         for the held-out time point against the masses.
+    jacobian_weight
+        Weight of a penalty on the squared Frobenius norm of the velocity's Jacobian
+        ``||dv/dz||_F^2`` at the bridge samples (a Hutchinson estimate, as in RNODE, Finlay
+        et al. 2020), in the model's normalised units. 0 (default): none. A smoother field
+        carries errors less far when cells are pushed through many intervals. It also holds
+        back flows that really expand or split fast. ``docs/dynamics.md`` (*Session 18*)
+        shows where it helps and where it hurts, and how to choose it from the training
+        data alone.
     """
 
     hidden: int = 128
@@ -207,6 +215,7 @@ class DynamicsParams:
     extrapolate: str = "auto"
     relaxation: float = 1.0
     damped_growth: bool = True
+    jacobian_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.relaxation < math.inf):
@@ -236,6 +245,10 @@ class DynamicsParams:
                 raise ChronotopeInputError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.score_weight < 0 or self.growth_weight < 0:
             raise ChronotopeInputError("score_weight and growth_weight must be >= 0.")
+        if not (0 <= self.jacobian_weight < math.inf):
+            raise ChronotopeInputError(
+                f"jacobian_weight must be a finite number >= 0, got {self.jacobian_weight}."
+            )
         if self.sigma is not None and not self.sigma > 0:
             raise ChronotopeInputError(f"sigma must be > 0, got {self.sigma}.")
         if self.growth_neighbors is not None and int(self.growth_neighbors) < 0:
@@ -681,6 +694,11 @@ class DynamicsModel:
             z0, z1 = z_all[idx[:, 0]], z_all[idx[:, 1]]
             s = (torch.rand(idx.shape[0], 1, generator=gen) * (1 - 2 * _S_MIN) + _S_MIN).to(dev)
             xi = torch.randn(z0.shape, generator=gen).to(dev)
+            # probe of the Jacobian penalty, drawn for the global batch (none without it:
+            # the default draws stay as they were)
+            probe = (
+                torch.randn(z0.shape, generator=gen).to(dev) if p.jacobian_weight > 0 else xi
+            )
             # path means on the whole global batch (the spline draws from ``gen``: every
             # process draws the same numbers), then this process's share of it
             mu, dmu = ((1 - s) * z0 + s * z1, (z1 - z0) / dtau[which_all][:, None])
@@ -694,6 +712,7 @@ class DynamicsModel:
                 w = w / w.mean()
             if rows is not None:  # this process's share of the global batch
                 idx, z0, z1, s, xi = idx[rows], z0[rows], z1[rows], s[rows], xi[rows]
+                probe = probe[rows]
                 mu, dmu = mu[rows], dmu[rows]
                 w = None if w is None else w[rows]
             dt = dtau[which][:, None]
@@ -701,9 +720,16 @@ class DynamicsModel:
             zt = mu + std * xi
             tau = tau0[which][:, None] + s * dt
             target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
-            inp = torch.cat([zt, tau], 1).requires_grad_(p.score_weight > 0)
-            loss_v = _mean(((nets.velocity(inp) - target_v) ** 2).sum(1), w)
+            inp = torch.cat([zt, tau], 1).requires_grad_(
+                p.score_weight > 0 or p.jacobian_weight > 0
+            )
+            v_pred = nets.velocity(inp)
+            loss_v = _mean(((v_pred - target_v) ** 2).sum(1), w)
             loss = loss_v
+            if p.jacobian_weight > 0:
+                # Hutchinson: E ||eps^T dv/dz||^2 = ||dv/dz||_F^2 for eps ~ N(0, I)
+                (vjp,) = torch.autograd.grad((v_pred * probe).sum(), inp, create_graph=True)
+                loss = loss + p.jacobian_weight * _mean((vjp[:, :dim] ** 2).sum(1), w)
             loss_s = torch.zeros((), device=dev)
             if p.score_weight > 0:
                 pot = nets.potential(inp)[:, 0]

@@ -181,6 +181,7 @@ def fit_dynamics(
     extrapolate: str | None = None,
     relaxation: float | None = None,
     damped_growth: bool | None = None,
+    jacobian_weight: float | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -234,6 +235,9 @@ def fit_dynamics(
     damped_growth
         Whether the end's growth rates act in ``"damped"`` (``DynamicsParams.damped_growth``,
         default ``True``; with ``"auto"`` the backtest chooses).
+    jacobian_weight
+        Weight of the penalty on the velocity's Jacobian (``DynamicsParams.jacobian_weight``,
+        default 0: none), for long chains of intervals.
     finetune_steps
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
@@ -280,6 +284,7 @@ def fit_dynamics(
             "extrapolate": extrapolate,
             "relaxation": relaxation,
             "damped_growth": damped_growth,
+            "jacobian_weight": jacobian_weight,
         }.items()
         if v is not None
     }
