@@ -697,7 +697,7 @@ class DynamicsModel:
             # probe of the Jacobian penalty, drawn for the global batch (none without it:
             # the default draws stay as they were)
             probe = (
-                torch.randn(z0.shape, generator=gen).to(dev) if p.jacobian_weight > 0 else xi
+                torch.randn(z0.shape, generator=gen).to(dev) if p.jacobian_weight > 0 else None
             )
             # path means on the whole global batch (the spline draws from ``gen``: every
             # process draws the same numbers), then this process's share of it
@@ -712,7 +712,7 @@ class DynamicsModel:
                 w = w / w.mean()
             if rows is not None:  # this process's share of the global batch
                 idx, z0, z1, s, xi = idx[rows], z0[rows], z1[rows], s[rows], xi[rows]
-                probe = probe[rows]
+                probe = None if probe is None else probe[rows]
                 mu, dmu = mu[rows], dmu[rows]
                 w = None if w is None else w[rows]
             dt = dtau[which][:, None]
@@ -726,7 +726,7 @@ class DynamicsModel:
             v_pred = nets.velocity(inp)
             loss_v = _mean(((v_pred - target_v) ** 2).sum(1), w)
             loss = loss_v
-            if p.jacobian_weight > 0:
+            if probe is not None:
                 # Hutchinson: E ||eps^T dv/dz||^2 = ||dv/dz||_F^2 for eps ~ N(0, I)
                 (vjp,) = torch.autograd.grad((v_pred * probe).sum(), inp, create_graph=True)
                 loss = loss + p.jacobian_weight * _mean((vjp[:, :dim] ** 2).sum(1), w)
