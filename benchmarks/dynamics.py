@@ -639,6 +639,8 @@ def run_case(
                 "backtest_s": model.timings_.get("extrapolation_backtest", float("nan"))
                 if ours
                 else float("nan"),
+                # the weight trained with (chosen by the fit with --jacobian-weight auto)
+                "jacobian_weight": model.jacobian_weight_ if ours else float("nan"),
                 "w1": score,
                 "w1_pos": score_pos,
                 "previous": prev,
@@ -657,10 +659,13 @@ def run_case(
                 row.update(more_draws(x, t, tk, k, train_times, held, draws, push, mode, modes, i))
             rows.append(row)
             peer_txt = "".join(f" | {kind} {peer_w1[kind]:.4f}" for kind in peers)
+            auto_jac = ours and params.get("jacobian_weight") == "auto"
+            jac_txt = f" jacobian {model.jacobian_weight_:g}" if auto_jac else ""
             print(
                 f"{name:16s} {task:6s} t={tk:g} seed={seed} {method}"
                 f"{' ' + mode if mode else ''}"
-                f"{' -> ' + model.continuation if ours and mode == 'auto' else ''}: "
+                f"{' -> ' + model.continuation if ours and mode == 'auto' else ''}"
+                f"{jac_txt}: "
                 f"W1 {score:.4f} "
                 f"(positions only {score_pos:.4f}) | "
                 f"previous {prev:.4f} | McCann {mc:.4f}{peer_txt} | mass err "
@@ -787,9 +792,9 @@ def main() -> None:
     ap.add_argument("--path-weight", default=None, help="override DynamicsParams.path_weight")
     ap.add_argument(
         "--jacobian-weight",
-        type=float,
+        type=lambda v: v if v == "auto" else float(v),
         default=None,
-        help="override DynamicsParams.jacobian_weight",
+        help="override DynamicsParams.jacobian_weight (a number, or auto)",
     )
     ap.add_argument(
         "--growth-neighbors",

@@ -83,3 +83,76 @@ def test_cli_fit_records_the_jacobian_weight(capsys, tmp_path) -> None:
         main(bad)
     assert exc.value.code == 1
     assert "jacobian_weight" in capsys.readouterr().err
+
+
+def test_auto_jacobian_weight_keeps_the_fit_of_the_best_in_sample_push(tmp_path) -> None:
+    from chronotope.dynamics.model import JACOBIAN_WEIGHTS
+
+    x, t = _snapshots(seed=2)
+    auto = DynamicsModel(extrapolate="landscape", jacobian_weight="auto", **SMALL).fit(x, t)
+    scores = auto.jacobian_scores_
+    assert list(scores) == [f"{lam:g}" for lam in JACOBIAN_WEIGHTS]
+    assert all(np.isfinite(v) and v >= 0 for v in scores.values())
+    assert auto.jacobian_weight_ in JACOBIAN_WEIGHTS
+    assert scores[f"{auto.jacobian_weight_:g}"] == min(scores.values())
+    # the networks kept are those of the chosen weight (not the last one trained)
+    fixed = DynamicsModel(
+        extrapolate="landscape", jacobian_weight=auto.jacobian_weight_, **SMALL
+    ).fit(x, t)
+    mid = x[t == 1]
+    np.testing.assert_allclose(auto.velocity(mid, 1.5), fixed.velocity(mid, 1.5), atol=1e-5)
+    assert fixed.jacobian_scores_ == {}
+    back = DynamicsModel.load(auto.save(tmp_path / "m"))
+    assert back.params.jacobian_weight == "auto"
+    assert back.jacobian_weight_ == auto.jacobian_weight_
+    assert back.jacobian_scores_ == scores
+
+
+def test_auto_jacobian_weight_chooses_once_and_backtests_with_the_choice(monkeypatch) -> None:
+    from chronotope.dynamics import extrapolation
+
+    seen: list[object] = []
+    real = extrapolation.backtest_extrapolation
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["params"].jacobian_weight)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extrapolation, "backtest_extrapolation", spy)
+    x, t = _snapshots(seed=3)
+    model = DynamicsModel(extrapolate="auto", jacobian_weight="auto", **SMALL).fit(x, t)
+    assert seen == [model.jacobian_weight_]  # a number: the backtest fit does not choose again
+    assert model.extrapolation_scores_
+
+
+@pytest.mark.parametrize("bad", ["automatic", True, None, "0.1"])
+def test_jacobian_weight_is_a_number_or_auto(bad: object) -> None:
+    with pytest.raises(ChronotopeInputError, match="jacobian_weight"):
+        DynamicsParams(jacobian_weight=bad)  # type: ignore[arg-type]
+
+
+def test_cli_fit_chooses_the_jacobian_weight(capsys, tmp_path) -> None:
+    from chronotope.dynamics.model import JACOBIAN_WEIGHTS
+
+    x, t = _snapshots(seed=4)
+    a = ad.AnnData(x.astype(np.float32))
+    a.obs = pd.DataFrame({"time": t}, index=[f"c{i}" for i in range(t.size)])
+    data = tmp_path / "data.h5ad"
+    a.write_h5ad(data)
+    mdir = tmp_path / "model"
+    args = [
+        "-q", "dynamics", "fit", str(data), "--use-rep", "X", "-o", str(mdir),
+        "--n-steps", "30", "--extrapolate", "landscape", "--jacobian-weight", "auto",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    model = DynamicsModel.load(mdir)
+    assert model.params.jacobian_weight == "auto"
+    assert model.jacobian_weight_ in JACOBIAN_WEIGHTS
+    assert len(model.jacobian_scores_) == len(JACOBIAN_WEIGHTS)
+    bad = [*args[:7], str(tmp_path / "bad"), *args[8:-1], "often"]
+    with pytest.raises(SystemExit) as exc:
+        main(bad)
+    assert exc.value.code == 1
+    assert "--jacobian-weight must be a number >= 0 or auto" in capsys.readouterr().err

@@ -850,12 +850,13 @@ def dynamics_fit(
         ),
     ] = True,
     jacobian_weight: Annotated[
-        float,
+        str,
         typer.Option(
-            help="Penalty on the velocity's Jacobian (0: none); for long chains of "
-            "intervals, see docs/dynamics.md."
+            help="Penalty on the velocity's Jacobian (0: none; a number >= 0, or auto to "
+            "choose it from the training data); for long chains of intervals, see "
+            "docs/dynamics.md."
         ),
-    ] = 0.0,
+    ] = "0",
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
@@ -879,6 +880,14 @@ def dynamics_fit(
             raise _CommandError(
                 f"--masses must be counts, equal or comma-separated numbers, got {masses!r}"
             ) from None
+    jacobian_arg: float | str = jacobian_weight
+    if jacobian_weight != "auto":
+        try:
+            jacobian_arg = float(jacobian_weight)
+        except ValueError:
+            raise _CommandError(
+                f"--jacobian-weight must be a number >= 0 or auto, got {jacobian_weight!r}"
+            ) from None
     adata = read_input(data, check_nonnegative=False)  # a representation, not counts
     model = ct.tl.fit_dynamics(
         adata,
@@ -895,7 +904,7 @@ def dynamics_fit(
         extrapolate=extrapolate,
         relaxation=relaxation,
         damped_growth=damped_growth,
-        jacobian_weight=jacobian_weight,
+        jacobian_weight=jacobian_arg,
         finetune_steps=finetune_steps,
         seed=seed,
         device=None if device == "auto" else device,

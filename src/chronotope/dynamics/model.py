@@ -54,11 +54,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import tempfile
 import time as _time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +80,7 @@ from chronotope.parallel import Scheduler
 
 __all__ = [
     "EXTRAPOLATE_MODES",
+    "JACOBIAN_WEIGHTS",
     "DynamicsModel",
     "DynamicsParams",
     "GeneMap",
@@ -87,6 +89,8 @@ __all__ = [
 
 #: Continuations outside the training time range (``DynamicsModel.simulate``).
 EXTRAPOLATE_MODES = ("landscape", "rest", "continue", "damped")
+#: Weights of the Jacobian penalty that ``jacobian_weight="auto"`` tries.
+JACOBIAN_WEIGHTS = (0.0, 0.03, 0.1, 0.3)
 
 logger = logging.getLogger("chronotope")
 
@@ -97,6 +101,8 @@ _FORMAT = 1
 # Bridge times are drawn from [_S_MIN, 1 - _S_MIN]: the conditional velocity grows as
 # 1/sqrt(s) at the ends.
 _S_MIN = 1e-3
+# start and target cells per time point of the in-sample score of jacobian_weight="auto"
+_N_SELECT = 2000
 
 
 @dataclass(frozen=True)
@@ -188,8 +194,11 @@ class DynamicsParams:
         et al. 2020), in the model's normalised units. 0 (default): none. A smoother field
         carries errors less far when cells are pushed through many intervals. It also holds
         back flows that really expand or split fast. ``docs/dynamics.md`` (*Session 18*)
-        shows where it helps and where it hurts, and how to choose it from the training
-        data alone.
+        shows where it helps and where it hurts. ``"auto"``: train once at each weight of
+        ``JACOBIAN_WEIGHTS`` on the same couplings and keep the one whose push of the
+        first time point's cells (SDE) is closest to the training snapshots (mean
+        Sinkhorn divergence over the later time points; the training data only, no
+        held-out point). Costs one training per weight.
     """
 
     hidden: int = 128
@@ -215,7 +224,7 @@ class DynamicsParams:
     extrapolate: str = "auto"
     relaxation: float = 1.0
     damped_growth: bool = True
-    jacobian_weight: float = 0.0
+    jacobian_weight: float | str = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.relaxation < math.inf):
@@ -245,9 +254,11 @@ class DynamicsParams:
                 raise ChronotopeInputError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.score_weight < 0 or self.growth_weight < 0:
             raise ChronotopeInputError("score_weight and growth_weight must be >= 0.")
-        if not (0 <= self.jacobian_weight < math.inf):
+        jw = self.jacobian_weight
+        number = isinstance(jw, numbers.Real) and not isinstance(jw, bool)
+        if not (jw == "auto" if isinstance(jw, str) else number and 0 <= jw < math.inf):
             raise ChronotopeInputError(
-                f"jacobian_weight must be a finite number >= 0, got {self.jacobian_weight}."
+                f"jacobian_weight must be a finite number >= 0 or 'auto', got {jw!r}."
             )
         if self.sigma is not None and not self.sigma > 0:
             raise ChronotopeInputError(f"sigma must be > 0, got {self.sigma}.")
@@ -504,6 +515,8 @@ class DynamicsModel:
         self.relaxation_: float = self.params.relaxation
         self.damped_growth_: bool = self.params.damped_growth
         self.extrapolation_scores_: dict[str, float] = {}
+        self.jacobian_weight_: float = 0.0
+        self.jacobian_scores_: dict[str, float] = {}
         self._frame: _Frame | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -596,10 +609,71 @@ class DynamicsModel:
         self._frame, self.dim = frame, x.shape[1]
         self.sigma_, self.times_, self.masses_ = cpl.sigma, times, cpl.masses
         self.couplings_ = cpl
-        self._train(frame.z(x), cpl, progress)
+        if p.jacobian_weight == "auto":
+            self._choose_jacobian_weight(frame.z(x), x, t, times, cpl, progress)
+        else:
+            self.jacobian_weight_, self.jacobian_scores_ = float(p.jacobian_weight), {}
+            self._train(frame.z(x), cpl, progress, self.jacobian_weight_)
         self.timings_["training"] = _time.perf_counter() - tic
         self._choose_extrapolation(x, t, times, masses, growth_prior, scheduler, progress)
         return self
+
+    def _choose_jacobian_weight(
+        self,
+        z: np.ndarray,
+        x: np.ndarray,
+        t: np.ndarray,
+        times: np.ndarray,
+        cpl: SnapshotCouplings,
+        progress: bool,
+    ) -> None:
+        """Train at each of ``JACOBIAN_WEIGHTS``; keep the best in-sample chained push."""
+        from chronotope.dynamics.extrapolation import divergence_w1
+
+        p = self.params
+        rng = np.random.default_rng(p.seed)
+
+        def sub(cells: np.ndarray) -> np.ndarray:
+            n = min(_N_SELECT, cells.shape[0])
+            return cells[np.sort(rng.choice(cells.shape[0], n, replace=False))]
+
+        start = sub(x[t == times[0]])
+        targets = [sub(x[t == tk]) for tk in times[1:]]
+        scores: dict[str, float] = {}
+        best: tuple[float, float, _Networks, dict[str, np.ndarray]] | None = None
+        for lam in JACOBIAN_WEIGHTS:
+            self._train(z, cpl, progress, lam)
+            res = self.simulate(
+                start,
+                float(times[0]),
+                float(times[-1]),
+                method="sde",
+                t_eval=times[1:],
+                seed=p.seed,
+                extrapolate="landscape",
+            )
+            score = float(
+                np.mean(
+                    [
+                        divergence_w1(xp, y, wp, device=self.device)
+                        for xp, wp, y in zip(res.x, res.weights, targets, strict=True)
+                    ]
+                )
+            )
+            scores[f"{lam:g}"] = score
+            if best is None or score < best[1]:
+                assert self.networks is not None
+                best = (lam, score, self.networks, self.history_)
+        assert best is not None
+        self.jacobian_weight_, _, self.networks, self.history_ = best
+        self.jacobian_scores_ = scores
+        logger.info(
+            "jacobian_weight='auto' (in-sample push of t=%g to the training time points): "
+            "%s -> %g",
+            times[0],
+            ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+            self.jacobian_weight_,
+        )
 
     def _choose_extrapolation(
         self,
@@ -630,7 +704,7 @@ class DynamicsModel:
         bt = backtest_extrapolation(
             x,
             t,
-            params=self.params,
+            params=replace(self.params, jacobian_weight=self.jacobian_weight_),
             masses=masses,
             growth_prior=growth_prior,
             device=self.device,
@@ -646,8 +720,11 @@ class DynamicsModel:
         self.extrapolation_scores_ = dict(bt.scores)
         self.timings_["extrapolation_backtest"] = bt.seconds
 
-    def _train(self, z_np: np.ndarray, cpl: SnapshotCouplings, progress: bool) -> None:
+    def _train(
+        self, z_np: np.ndarray, cpl: SnapshotCouplings, progress: bool, jacobian_weight: float
+    ) -> None:
         p, frame, dev = self.params, self._require_frame(), self.device
+        lam = float(jacobian_weight)
         dim = z_np.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
@@ -697,7 +774,7 @@ class DynamicsModel:
             # probe of the Jacobian penalty, drawn for the global batch (none without it:
             # the default draws stay as they were)
             probe = (
-                torch.randn(z0.shape, generator=gen).to(dev) if p.jacobian_weight > 0 else None
+                torch.randn(z0.shape, generator=gen).to(dev) if lam > 0 else None
             )
             # path means on the whole global batch (the spline draws from ``gen``: every
             # process draws the same numbers), then this process's share of it
@@ -721,7 +798,7 @@ class DynamicsModel:
             tau = tau0[which][:, None] + s * dt
             target_v = dmu + sig_z * (1 - 2 * s) / (2 * torch.sqrt(s * (1 - s) * dt)) * xi
             inp = torch.cat([zt, tau], 1).requires_grad_(
-                p.score_weight > 0 or p.jacobian_weight > 0
+                p.score_weight > 0 or lam > 0
             )
             v_pred = nets.velocity(inp)
             loss_v = _mean(((v_pred - target_v) ** 2).sum(1), w)
@@ -729,7 +806,7 @@ class DynamicsModel:
             if probe is not None:
                 # Hutchinson: E ||eps^T dv/dz||^2 = ||dv/dz||_F^2 for eps ~ N(0, I)
                 (vjp,) = torch.autograd.grad((v_pred * probe).sum(), inp, create_graph=True)
-                loss = loss + p.jacobian_weight * _mean((vjp[:, :dim] ** 2).sum(1), w)
+                loss = loss + lam * _mean((vjp[:, :dim] ** 2).sum(1), w)
             loss_s = torch.zeros((), device=dev)
             if p.score_weight > 0:
                 pot = nets.potential(inp)[:, 0]
@@ -1101,6 +1178,8 @@ class DynamicsModel:
             "relaxation": self.relaxation_,
             "damped_growth": self.damped_growth_,
             "extrapolation_scores": self.extrapolation_scores_,
+            "jacobian_weight": self.jacobian_weight_,
+            "jacobian_scores": self.jacobian_scores_,
             "has_gene_map": isinstance(self.gene_map, GeneMap),
             "neural_gene_map": isinstance(self.gene_map, NeuralGeneMap),
         }
@@ -1201,6 +1280,9 @@ class DynamicsModel:
         model.relaxation_ = float(cfg.get("relaxation", model.params.relaxation))
         model.damped_growth_ = bool(cfg.get("damped_growth", model.params.damped_growth))
         model.extrapolation_scores_ = dict(cfg.get("extrapolation_scores", {}))
+        jw = model.params.jacobian_weight
+        model.jacobian_weight_ = float(cfg.get("jacobian_weight", 0.0 if jw == "auto" else jw))
+        model.jacobian_scores_ = dict(cfg.get("jacobian_scores", {}))
         model._frame = _Frame(
             np.asarray(cfg["shift"]), float(cfg["scale"]), cfg["t_min"], cfg["t_span"]
         )

@@ -181,7 +181,7 @@ def fit_dynamics(
     extrapolate: str | None = None,
     relaxation: float | None = None,
     damped_growth: bool | None = None,
-    jacobian_weight: float | None = None,
+    jacobian_weight: float | str | None = None,
     finetune_steps: int = 0,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -237,7 +237,9 @@ def fit_dynamics(
         default ``True``; with ``"auto"`` the backtest chooses).
     jacobian_weight
         Weight of the penalty on the velocity's Jacobian (``DynamicsParams.jacobian_weight``,
-        default 0: none), for long chains of intervals.
+        default 0: none), for long chains of intervals; ``"auto"`` chooses it among
+        ``JACOBIAN_WEIGHTS`` from the training data (one training per weight; the choice
+        and the scores are in ``uns[key_added]``).
     finetune_steps
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
@@ -352,6 +354,8 @@ def fit_dynamics(
         "relaxation": float(model.relaxation_),
         "damped_growth": bool(model.damped_growth_),
         "extrapolation_scores": {k: float(v) for k, v in model.extrapolation_scores_.items()},
+        "jacobian_weight": float(model.jacobian_weight_),
+        "jacobian_scores": {k: float(v) for k, v in model.jacobian_scores_.items()},
         "loss": np.asarray(model.history_.get("loss", []), dtype=np.float32),
         "velocity_key": vkey,
         "seconds": float(_time.perf_counter() - tic),
