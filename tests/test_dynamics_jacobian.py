@@ -141,17 +141,19 @@ def test_cli_fit_chooses_the_jacobian_weight(capsys, tmp_path) -> None:
     a.write_h5ad(data)
     mdir = tmp_path / "model"
     args = [
-        "-q", "dynamics", "fit", str(data), "--use-rep", "X", "-o", str(mdir),
+        "dynamics", "fit", str(data), "--use-rep", "X", "-o", str(mdir),
         "--n-steps", "30", "--extrapolate", "landscape", "--jacobian-weight", "auto",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code in (0, None), capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert exc.value.code in (0, None), captured.err
     model = DynamicsModel.load(mdir)
+    assert f"jacobian weight {model.jacobian_weight_:g} (auto; in-sample 0 " in captured.out
     assert model.params.jacobian_weight == "auto"
     assert model.jacobian_weight_ in JACOBIAN_WEIGHTS
     assert len(model.jacobian_scores_) == len(JACOBIAN_WEIGHTS)
-    bad = [*args[:7], str(tmp_path / "bad"), *args[8:-1], "often"]
+    bad = [*args[:6], str(tmp_path / "bad"), *args[7:-1], "often"]
     with pytest.raises(SystemExit) as exc:
         main(bad)
     assert exc.value.code == 1

@@ -918,10 +918,16 @@ def dynamics_fit(
         phases = ", ".join(
             f"{k.replace('_', ' ')} {v:.1f} s" for k, v in rec.get("timings", {}).items()
         )
+        jac = ""
+        if model.jacobian_scores_:  # chosen by --jacobian-weight auto
+            scores = ", ".join(f"{k} {v:.3g}" for k, v in model.jacobian_scores_.items())
+            jac = f"jacobian weight {model.jacobian_weight_:g} (auto; in-sample {scores}), "
+        elif model.jacobian_weight_ > 0:
+            jac = f"jacobian weight {model.jacobian_weight_:g}, "
         typer.echo(
             f"wrote {out}: {use_rep} ({model.dim}-D), times "
             f"{', '.join(f'{v:g}' for v in rec['times'])} (held out: {held}), "
-            f"sigma {rec['sigma']:.3g}, extrapolation {model.continuation}, "
+            f"sigma {rec['sigma']:.3g}, extrapolation {model.continuation}, {jac}"
             f"{rec['seconds']:.1f} s ({phases})"
         )
 
