@@ -141,3 +141,31 @@ def test_failed_demo_section_exits_nonzero_after_writing_report(capsys, tmp_path
     assert code == 1
     _assert_one_line_error(err, "demo section(s) failed (boom: KeyError: 'X_pca')")
     assert (tmp_path / "report.html").is_file()
+
+
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("verbosity", "tty", "shown"),
+    [(0, True, True), (0, False, False), (1, False, True), (-1, True, False)],
+)
+def test_progress_bars_only_on_a_terminal_unless_verbose(
+    monkeypatch, verbosity: int, tty: bool, shown: bool
+) -> None:
+    from chronotope import cli
+
+    monkeypatch.setitem(cli._state, "verbosity", verbosity)
+    monkeypatch.setattr(cli.sys, "stderr", _Stream(tty))
+    assert cli.show_progress() is shown

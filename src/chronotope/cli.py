@@ -19,7 +19,8 @@ commands (``chronotope dynamics fit ...``) is a sub-app::
 Library errors (``ValueError``, ``KeyError``, ``FileNotFoundError`` and other
 ``OSError``) are turned into one line ``error: ...`` and exit status 1 by
 :func:`main`; with ``-v`` the traceback is printed as well. Use :func:`show_progress`
-for the ``progress=`` argument of library calls, so that ``-q`` silences them.
+for the ``progress=`` argument of library calls, so that ``-q`` silences them (and a
+log file gets no bars unless ``-v``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,19 @@ def _configure_logging(verbosity: int) -> None:
 
 
 def show_progress() -> bool:
-    """Whether progress bars should be shown (``False`` under ``-q``)."""
-    return _state["verbosity"] >= 0
+    """Whether progress bars should be shown.
+
+    ``False`` under ``-q``, and by default when standard error is not a terminal (a
+    cluster job's log file, a pipe), where each redraw of a bar would be written as one
+    more line; ``-v`` shows them there too.
+    """
+    verbosity = _state["verbosity"]
+    if verbosity < 0:
+        return False
+    if verbosity > 0:
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def _version_callback(value: bool) -> None:
@@ -103,7 +115,8 @@ def _root(
             "-v",
             count=True,
             show_default=False,
-            help="More logging (debug) and full tracebacks.",
+            help="More logging (debug), full tracebacks, and progress bars even when "
+            "standard error is not a terminal.",
         ),
     ] = 0,
     version: Annotated[
