@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -39,6 +41,16 @@ def _jacobian_sq(model: DynamicsModel, x: np.ndarray, t: float, h: float = 1e-3)
     return float(total.mean())
 
 
+def _snapshots_h5ad(tmp_path: Path, seed: int) -> Path:
+    """``_snapshots`` written as an h5ad with ``obs["time"]`` (for the CLI)."""
+    x, t = _snapshots(seed=seed)
+    a = ad.AnnData(x.astype(np.float32))
+    a.obs = pd.DataFrame({"time": t}, index=[f"c{i}" for i in range(t.size)])
+    data = tmp_path / "data.h5ad"
+    a.write_h5ad(data)
+    return data
+
+
 def test_jacobian_penalty_smooths_the_velocity_and_keeps_the_drift() -> None:
     x, t = _snapshots()
     assert DynamicsParams().jacobian_weight == 0.0
@@ -63,11 +75,7 @@ def test_jacobian_weight_must_be_finite_and_non_negative(bad: float) -> None:
 
 
 def test_cli_fit_records_the_jacobian_weight(capsys, tmp_path) -> None:
-    x, t = _snapshots(seed=1)
-    a = ad.AnnData(x.astype(np.float32))
-    a.obs = pd.DataFrame({"time": t}, index=[f"c{i}" for i in range(t.size)])
-    data = tmp_path / "data.h5ad"
-    a.write_h5ad(data)
+    data = _snapshots_h5ad(tmp_path, seed=1)
     mdir = tmp_path / "model"
     args = [
         "-q", "dynamics", "fit", str(data), "--use-rep", "X", "-o", str(mdir),
@@ -134,11 +142,7 @@ def test_jacobian_weight_is_a_number_or_auto(bad: object) -> None:
 def test_cli_fit_chooses_the_jacobian_weight(capsys, tmp_path) -> None:
     from chronotope.dynamics.model import JACOBIAN_WEIGHTS
 
-    x, t = _snapshots(seed=4)
-    a = ad.AnnData(x.astype(np.float32))
-    a.obs = pd.DataFrame({"time": t}, index=[f"c{i}" for i in range(t.size)])
-    data = tmp_path / "data.h5ad"
-    a.write_h5ad(data)
+    data = _snapshots_h5ad(tmp_path, seed=4)
     mdir = tmp_path / "model"
     args = [
         "dynamics", "fit", str(data), "--use-rep", "X", "-o", str(mdir),
