@@ -531,8 +531,10 @@ def run_case(
     extrapolate: tuple[str, ...] = ("auto",),
     draws: int = 0,
     masses: str = "counts",
+    finetune: tuple[int, str] = (0, "intervals"),
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
+    from chronotope.dynamics.finetune import finetune_rollouts
 
     x, t = d.x, d.t
     times = np.unique(t)
@@ -547,6 +549,7 @@ def run_case(
     truths: list[dict[str, object]] = []
     for held, targets in fits:
         keep = t != held if held is not None else np.ones(t.size, bool)
+        ft_txt = ""
         tic = time.perf_counter()
         if ours:
             # extrapolate="auto" (the default) backtests on the last training time point
@@ -562,6 +565,17 @@ def run_case(
                 # that are numbers of cells measured, not population sizes)
                 masses=masses,  # type: ignore[arg-type]
             )
+            if finetune[0]:
+                tic_ft = time.perf_counter()
+                hist = finetune_rollouts(
+                    model, x[keep], t[keep], n_steps=finetune[0], rollouts=finetune[1], seed=seed
+                )
+                model.timings_["finetune"] = time.perf_counter() - tic_ft
+                ft_txt = (
+                    f" | fine-tune {finetune[0]} {finetune[1]} {model.timings_['finetune']:.1f}s"
+                    f" divergence {hist['divergence'][:5].mean():.3f} -> "
+                    f"{hist['divergence'][-5:].mean():.3f}"
+                )
             fit_s = time.perf_counter() - tic
             tic = time.perf_counter()
             # the continuation matters only past the training range: one fit, each mode
@@ -650,6 +664,8 @@ def run_case(
                 "peer_mass_err": abs(1.0 - n_ratio),
                 "couplings_s": timings["couplings"],
                 "training_s": timings["training"],
+                "finetune_s": timings.get("finetune", 0.0),
+                "finetune": f"{finetune[0]} {finetune[1]}" if finetune[0] else "",
                 "fit_s": fit_s,
                 "simulate_s": sim_s,
                 "eval_s": eval_s,
@@ -672,6 +688,7 @@ def run_case(
                 f"{row['mass_err']:.3f} (peers {row['peer_mass_err']:.3f}) | couplings "
                 f"{row['couplings_s']:.1f}s training {row['training_s']:.1f}s simulate "
                 f"{sim_s:.1f}s"
+                + ft_txt
                 + "".join(
                     f" | {kind} training {fitted_peers[kind].timings_['training']:.1f}s"
                     for kind in peers
@@ -797,6 +814,19 @@ def main() -> None:
         help="override DynamicsParams.jacobian_weight (a number, or auto)",
     )
     ap.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="ours: rollout fine-tune steps after the fit (finetune_rollouts; 0: none)",
+    )
+    ap.add_argument(
+        "--finetune-rollouts",
+        choices=("intervals", "chained"),
+        default="intervals",
+        help="rollouts of the fine-tune: each interval from its own cells, or chained "
+        "from the first time point",
+    )
+    ap.add_argument(
         "--growth-neighbors",
         type=int,
         default=None,
@@ -903,6 +933,7 @@ def main() -> None:
                     extrapolate=modes,
                     draws=args.draws,
                     masses=args.masses,
+                    finetune=(args.finetune_steps, args.finetune_rollouts),
                 )
                 rows += r
                 truths += tr

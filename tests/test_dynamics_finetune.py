@@ -83,3 +83,29 @@ def test_finetune_lowers_divergence() -> None:
     assert np.linalg.norm(after - 2 * drift) < np.linalg.norm(before - 2 * drift)
     with pytest.raises(ChronotopeInputError, match="training time points"):
         finetune_rollouts(model, x[t < 2], t[t < 2], n_steps=1)
+
+
+def test_chained_finetune_lowers_divergence_of_the_push_from_the_first_time() -> None:
+    rng = np.random.default_rng(1)
+    drift = np.array([1.0, -0.5])
+    x = np.vstack([rng.normal(size=(60, 2)) * 0.5 + k * drift for k in range(4)])
+    t = np.repeat([0.0, 1.0, 2.0, 3.0], 60)
+    model = DynamicsModel(
+        hidden=16, n_layers=1, n_steps=5, batch_size=64, extrapolate="landscape"
+    ).fit(x, t)
+    before = model.simulate(x[t == 0], 0.0, 3.0).final[0].mean(0)
+    growth = [p.detach().clone() for p in model.networks.growth.parameters()]
+    hist = finetune_rollouts(
+        model, x, t, n_steps=25, batch_size=64, n_sub=3, learning_rate=3e-3,
+        rollouts="chained", seed=0,
+    )  # fmt: skip
+    # growth is left as fitted by chained rollouts
+    for old, new in zip(growth, model.networks.growth.parameters(), strict=True):
+        assert torch.equal(old, new.detach())
+    assert hist["divergence"].shape == (25,)
+    # velocity only (growth as fitted), so less of the divergence can go than above
+    assert hist["divergence"][-5:].mean() < 0.85 * hist["divergence"][:5].mean()
+    after = model.simulate(x[t == 0], 0.0, 3.0).final[0].mean(0)
+    assert np.linalg.norm(after - 3 * drift) < np.linalg.norm(before - 3 * drift)
+    with pytest.raises(ChronotopeInputError, match="rollouts"):
+        finetune_rollouts(model, x, t, n_steps=1, rollouts="from-start")

@@ -69,12 +69,16 @@ def test_fit_dynamics_writes_fixed_keys(fitted, tmp_path) -> None:
 def test_holdout_and_bad_input() -> None:
     a = _adata()
     model = ct.tl.fit_dynamics(
-        a, "time", "X_pca", params=TINY, holdout=0.5 + 1e-9, finetune_steps=2
-    )
+        a, "time", "X_pca", params=TINY, holdout=0.5 + 1e-9, finetune_steps=2,
+        finetune_rollouts="chained",
+    )  # fmt: skip
     np.testing.assert_allclose(model.times_, [0.0, 1.25])
     assert "finetune" in model.timings_ and a.uns["dynamics"]["params"]["finetune_steps"] == 2
+    assert a.uns["dynamics"]["params"]["finetune_rollouts"] == "chained"
     with pytest.raises(ChronotopeInputError, match="finetune_steps"):
         ct.tl.fit_dynamics(a, "time", "X_pca", params=TINY, finetune_steps=-1)
+    with pytest.raises(ChronotopeInputError, match="finetune_rollouts"):
+        ct.tl.fit_dynamics(a, "time", "X_pca", params=TINY, finetune_rollouts="all")
     np.testing.assert_allclose(a.uns["dynamics"]["params"]["holdout"], [0.5])
     assert a.obsm["velocity_X_pca"].shape[0] == a.n_obs  # written on held-out cells too
     with pytest.raises(ChronotopeInputError, match="not a time point"):
@@ -369,6 +373,11 @@ def test_cli_errors(capsys, tmp_path) -> None:
         capsys, "dynamics", "fit", str(data), "--masses", "1,x", "-o", str(tmp_path / "m")
     )
     assert code == 1 and "--masses must be" in err
+    code, _, err = _run(
+        capsys, "dynamics", "fit", str(data), "--finetune-rollouts", "all", "-o",
+        str(tmp_path / "m"),
+    )  # fmt: skip
+    assert code == 1 and "--finetune-rollouts must be intervals or chained" in err
     code, _, err = _run(
         capsys, "dynamics", "fit", str(data), "--masses", "1,2", "-o", str(tmp_path / "m")
     )

@@ -873,6 +873,13 @@ def dynamics_fit(
     finetune_steps: Annotated[
         int, typer.Option(help="Optional rollout fine-tune steps (Sinkhorn + WFR action).")
     ] = 0,
+    finetune_rollouts: Annotated[
+        str,
+        typer.Option(
+            help="Rollouts of the fine-tune: intervals (each from its own cells) or chained "
+            "(from the first time point across every interval)."
+        ),
+    ] = "intervals",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the couplings and the training.")] = 0,
@@ -901,6 +908,10 @@ def dynamics_fit(
             raise _CommandError(
                 f"--jacobian-weight must be a number >= 0 or auto, got {jacobian_weight!r}"
             ) from None
+    if finetune_rollouts not in ("intervals", "chained"):
+        raise _CommandError(
+            f"--finetune-rollouts must be intervals or chained, got {finetune_rollouts!r}"
+        )
     adata = read_input(data, check_nonnegative=False)  # a representation, not counts
     model = ct.tl.fit_dynamics(
         adata,
@@ -919,6 +930,7 @@ def dynamics_fit(
         damped_growth=damped_growth,
         jacobian_weight=jacobian_arg,
         finetune_steps=finetune_steps,
+        finetune_rollouts=finetune_rollouts,
         seed=seed,
         device=None if device == "auto" else device,
         scheduler=_scheduler(scheduler),

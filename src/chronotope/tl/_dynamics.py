@@ -183,6 +183,7 @@ def fit_dynamics(
     damped_growth: bool | None = None,
     jacobian_weight: float | str | None = None,
     finetune_steps: int = 0,
+    finetune_rollouts: str = "intervals",
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     scheduler: Scheduler = None,
@@ -244,6 +245,9 @@ def fit_dynamics(
         Steps of the optional rollout fine-tune of velocity and growth (unbalanced
         Sinkhorn divergence + WFR action,
         :func:`~chronotope.dynamics.finetune.finetune_rollouts`); 0: none.
+    finetune_rollouts
+        Rollouts of the fine-tune: ``"intervals"`` (each interval from its own cells) or
+        ``"chained"`` (from the first time point across every interval).
     device
         Torch device (``"cpu"``, ``"cuda"``; ``None``: CUDA if available).
     scheduler
@@ -268,6 +272,10 @@ def fit_dynamics(
     tic = _time.perf_counter()
     if finetune_steps < 0:
         raise ChronotopeInputError(f"finetune_steps must be >= 0, got {finetune_steps}.")
+    if finetune_rollouts not in ("intervals", "chained"):
+        raise ChronotopeInputError(
+            f"finetune_rollouts must be 'intervals' or 'chained', got {finetune_rollouts!r}."
+        )
     check_scheduler(scheduler)
     x, t = read_snapshots(adata, time_key, use_rep)
     # the core checks numeric, finite times and enough cells per time point
@@ -316,11 +324,17 @@ def fit_dynamics(
         scheduler=scheduler,
     )
     if finetune_steps:
-        from chronotope.dynamics.finetune import finetune_rollouts
+        from chronotope.dynamics.finetune import finetune_rollouts as _finetune
 
         tic_ft = _time.perf_counter()
-        finetune_rollouts(
-            model, x[train], t[train], n_steps=finetune_steps, seed=seed, progress=progress
+        _finetune(
+            model,
+            x[train],
+            t[train],
+            n_steps=finetune_steps,
+            rollouts=finetune_rollouts,
+            seed=seed,
+            progress=progress,
         )
         model.timings_["finetune"] = _time.perf_counter() - tic_ft
     fields = ro.cell_fields(model, x, t)
@@ -342,6 +356,7 @@ def fit_dynamics(
                 "gene_map": "none" if gm is None else f"{gm.n_genes} genes",
                 "device": str(model.device),
                 "finetune_steps": int(finetune_steps),
+                "finetune_rollouts": finetune_rollouts,
                 "scheduler": describe_scheduler(scheduler),
                 **asdict(p),
             }
