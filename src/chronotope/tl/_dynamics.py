@@ -315,9 +315,10 @@ def fit_dynamics(
         prior = np.asarray(adata.obs[growth_prior_key], dtype=np.float64)[train]
     gm = gene_map_from_adata(adata, use_rep) if gene_map == "auto" else gene_map
     model = DynamicsModel(p, use_rep=use_rep, gene_map=gm, time_key=time_key, device=device)
+    x_train, t_train = x[train], t[train]
     model.fit(
-        x[train],
-        t[train],
+        x_train,
+        t_train,
         masses=masses,
         growth_prior=prior,
         progress=progress,
@@ -329,8 +330,8 @@ def fit_dynamics(
         tic_ft = _time.perf_counter()
         _finetune(
             model,
-            x[train],
-            t[train],
+            x_train,
+            t_train,
             n_steps=finetune_steps,
             rollouts=finetune_rollouts,
             seed=seed,
