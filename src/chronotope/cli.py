@@ -908,7 +908,9 @@ def dynamics_fit(
             raise _CommandError(
                 f"--jacobian-weight must be a number >= 0 or auto, got {jacobian_weight!r}"
             ) from None
-    if finetune_rollouts not in ("intervals", "chained"):
+    from chronotope.dynamics.finetune import ROLLOUTS
+
+    if finetune_rollouts not in ROLLOUTS:
         raise _CommandError(
             f"--finetune-rollouts must be intervals or chained, got {finetune_rollouts!r}"
         )

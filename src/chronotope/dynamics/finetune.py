@@ -34,7 +34,10 @@ from chronotope._errors import ChronotopeInputError
 from chronotope.dynamics._validate import check_snapshots
 from chronotope.dynamics.model import DynamicsModel
 
-__all__ = ["finetune_rollouts", "sinkhorn_divergence"]
+__all__ = ["ROLLOUTS", "finetune_rollouts", "sinkhorn_divergence"]
+
+#: The rollouts of :func:`finetune_rollouts`.
+ROLLOUTS = ("intervals", "chained")
 
 logger = logging.getLogger("chronotope")
 
@@ -199,7 +202,7 @@ def finetune_rollouts(
         raise ChronotopeInputError(f"x must have {model.dim} columns, got {x.shape[1]}.")
     if n_steps < 0 or batch_size < 1 or n_sub < 1:
         raise ChronotopeInputError("n_steps >= 0, batch_size >= 1 and n_sub >= 1 are required.")
-    if rollouts not in ("intervals", "chained"):
+    if rollouts not in ROLLOUTS:
         raise ChronotopeInputError(
             f"rollouts must be 'intervals' or 'chained', got {rollouts!r}."
         )

@@ -242,8 +242,8 @@ def fit_dynamics(
         ``JACOBIAN_WEIGHTS`` from the training data (one training per weight; the choice
         and the scores are in ``uns[key_added]``).
     finetune_steps
-        Steps of the optional rollout fine-tune of velocity and growth (unbalanced
-        Sinkhorn divergence + WFR action,
+        Steps of the optional rollout fine-tune of velocity and growth (velocity only
+        with ``"chained"``; unbalanced Sinkhorn divergence + WFR action,
         :func:`~chronotope.dynamics.finetune.finetune_rollouts`); 0: none.
     finetune_rollouts
         Rollouts of the fine-tune: ``"intervals"`` (each interval from its own cells) or
@@ -272,7 +272,9 @@ def fit_dynamics(
     tic = _time.perf_counter()
     if finetune_steps < 0:
         raise ChronotopeInputError(f"finetune_steps must be >= 0, got {finetune_steps}.")
-    if finetune_rollouts not in ("intervals", "chained"):
+    from chronotope.dynamics.finetune import ROLLOUTS
+
+    if finetune_rollouts not in ROLLOUTS:  # before the fit, not after it
         raise ChronotopeInputError(
             f"finetune_rollouts must be 'intervals' or 'chained', got {finetune_rollouts!r}."
         )
