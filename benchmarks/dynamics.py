@@ -84,6 +84,8 @@ Usage::
     python benchmarks/dynamics.py --quick                      # smoke test, minutes
     python benchmarks/dynamics.py --datasets misa --tasks all --peers none
     python benchmarks/dynamics.py --datasets weinreb --tasks loo --peers none --draws 9
+    python benchmarks/dynamics.py --datasets tigon_bifurcation --tasks loo --held-out 5 \
+        --masses equal --peers none --finetune-steps 200 --finetune-rollouts chained
     python benchmarks/dynamics.py --datasets mouse --no-ours --peers otcfm --out peers.jsonl
     python benchmarks/dynamics.py --summarise run1.jsonl peers.jsonl   # tables over several runs
 """
@@ -532,6 +534,7 @@ def run_case(
     draws: int = 0,
     masses: str = "counts",
     finetune: tuple[int, str] = (0, "intervals"),
+    held_out: tuple[float, ...] = (),
 ) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     from chronotope.dynamics import DynamicsModel, SimulationResult
     from chronotope.dynamics.finetune import finetune_rollouts
@@ -541,7 +544,13 @@ def run_case(
     if task == "all":
         fits = [(None, list(times[1:]))]
     elif task == "loo":
-        fits = [(tk, [tk]) for tk in times[1:-1]]
+        inner = times[1:-1]
+        if held_out:
+            missing = [v for v in held_out if not np.isclose(inner, v).any()]
+            if missing:
+                raise SystemExit(f"--held-out {missing}: not intermediate time points of {name}")
+            inner = [tk for tk in inner if np.isclose(held_out, tk).any()]
+        fits = [(tk, [tk]) for tk in inner]
     else:
         fits = [(times[-1], [times[-1]])] if times.size > 2 else []
     x0 = subsample(x[t == times[0]], N_SUB, seed=1000)
@@ -842,6 +851,11 @@ def main() -> None:
         action="store_true",
         help="ablation: let the networks see times outside the training range",
     )
+    ap.add_argument(
+        "--held-out",
+        default="",
+        help="loo: only these intermediate time points (comma list; default every one)",
+    )
     ap.add_argument("--no-ours", action="store_true", help="run the peers and baselines only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON lines here")
@@ -897,6 +911,7 @@ def main() -> None:
     for m in modes:
         if m not in (*EXTRAPOLATE_MODES, "auto"):
             ap.error(f"unknown --extrapolate {m!r}; use {', '.join(EXTRAPOLATE_MODES)} or auto")
+    held_out = tuple(float(v) for v in args.held_out.split(",") if v)
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     for p in peers:
         if p not in PEERS:
@@ -934,6 +949,7 @@ def main() -> None:
                     draws=args.draws,
                     masses=args.masses,
                     finetune=(args.finetune_steps, args.finetune_rollouts),
+                    held_out=held_out,
                 )
                 rows += r
                 truths += tr
