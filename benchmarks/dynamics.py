@@ -911,7 +911,10 @@ def main() -> None:
     for m in modes:
         if m not in (*EXTRAPOLATE_MODES, "auto"):
             ap.error(f"unknown --extrapolate {m!r}; use {', '.join(EXTRAPOLATE_MODES)} or auto")
-    held_out = tuple(float(v) for v in args.held_out.split(",") if v)
+    try:
+        held_out = tuple(float(v) for v in args.held_out.split(",") if v)
+    except ValueError:
+        ap.error(f"--held-out must be a comma list of numbers, got {args.held_out!r}")
     peers = tuple(p for p in args.peers.split(",") if p and p != "none")
     for p in peers:
         if p not in PEERS:
